@@ -1,0 +1,86 @@
+"""ResNet backbone with frozen BatchNorm, as in the original DETR.
+
+The state-dict layout (``body.conv1``, ``body.layer1.0.conv1``, ...) is torchvision's, so original
+DETR and timm-style checkpoints map onto it by renaming prefixes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet returning the feature maps DETR needs, with downsampled padding masks.
+
+    Args:
+        name: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
+        train_backbone: whether layers 2-4 get gradients (conv1 and layer1 never do, as in DETR).
+        return_interm_layers: return layers 1-4 (for the mask head) instead of layer 4 only.
+        dilation: replace the stride of the last stage by dilation (DC5 models, stride 16).
+        pretrained: load torchvision's ImageNet weights (downloads them if not cached).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        *,
+        train_backbone: bool = True,
+        return_interm_layers: bool = False,
+        dilation: bool = False,
+        pretrained: bool = False,
+    ) -> None:
+        super().__init__()
+        weights = None
+        if pretrained:
+            # The original DETR used torchvision's first ImageNet weights (``pretrained=True``).
+            weights = getattr(torchvision.models, _WEIGHTS[name]).IMAGENET1K_V1
+        resnet = getattr(torchvision.models, name)(
+            weights=weights,
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=FrozenBatchNorm2d,
+        )
+        for pname, parameter in resnet.named_parameters():
+            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        if return_interm_layers:
+            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+            self.strides = [4, 8, 16, 16 if dilation else 32]
+        else:
+            return_layers = {"layer4": "0"}
+            self.strides = [16 if dilation else 32]
+        self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        expansion = 1 if name in ("resnet18", "resnet34") else 4
+        all_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        self.channels = all_channels if return_interm_layers else all_channels[-1:]
+        self.num_channels = all_channels[-1]
+
+    def forward(self, images: Tensor, padding_mask: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
+        """
+        Args:
+            images: Tensor[B, 3, H, W], normalised.
+            padding_mask: Bool Tensor[B, H, W], True on padding, or None when nothing is padded.
+
+        Returns:
+            One ``(features [B, C_l, H_l, W_l], mask [B, H_l, W_l] or None)`` per returned layer,
+            shallowest first.
+        """
+        out = []
+        for features in self.body(images).values():
+            mask = None
+            if padding_mask is not None:
+                # Nearest-neighbour downsampling, exactly as the original (so padded outputs match).
+                mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+            out.append((features, mask))
+        return out

@@ -1,0 +1,287 @@
+"""Reading and writing DETR checkpoints in detrkit's, the original's and Hugging Face's formats.
+
+Nothing here executes code from a file: PyTorch files are read with ``weights_only=True`` (the only
+class allowed besides tensors and plain containers is ``argparse.Namespace``, which the original
+training script stores as ``args``), everything else is safetensors or JSON. Files are written to a
+temporary name and renamed, so an interrupted save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .config import DetrConfig
+from .convert import (
+    config_from_hf,
+    detrkit_to_hf,
+    detrkit_to_original,
+    hf_config_dict,
+    hf_to_detrkit,
+    infer_config,
+    original_to_detrkit,
+)
+from .model import Detr
+
+FORMATS = ("detrkit", "original", "hf")
+StateDict = dict[str, torch.Tensor]
+
+# Fields of the original training script's ``args`` that DetrConfig shares (same names).
+_ORIGINAL_ARGS = (
+    "dilation",
+    "nheads",
+    "dropout",
+    "aux_loss",
+    "set_cost_class",
+    "set_cost_bbox",
+    "set_cost_giou",
+    "bbox_loss_coef",
+    "giou_loss_coef",
+    "mask_loss_coef",
+    "dice_loss_coef",
+    "eos_coef",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, recognised or written; the message names the file and why."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Low-level I/O
+# ---------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def torch_load_safe(path: str | os.PathLike) -> Any:
+    """``torch.load`` that refuses anything but tensors, plain containers and ``argparse.Namespace``."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds Python objects other than tensors and plain "
+            f"containers, which could run code when unpickled ({detail}). detrkit never executes code "
+            "from a checkpoint; if you trust the file, re-save its state dict with plain tensors."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def detect_layout(state_dict: StateDict) -> str:
+    """``original``, ``hf`` or ``detrkit``, from the parameter names."""
+    keys = list(state_dict)
+    if any(k.startswith(("backbone.0.", "detr.backbone.0.")) for k in keys):
+        return "original"
+    if any("class_labels_classifier" in k or k.startswith(("model.backbone.", "detr.model.")) for k in keys):
+        return "hf"
+    if any(k.startswith("backbone.body.") for k in keys):
+        return "detrkit"
+    raise CheckpointError(f"unrecognised parameter names (e.g. {keys[:3]}): not a DETR checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading: any format -> (detrkit state dict, known config fields)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _from_layout(state_dict: StateDict, where: Path) -> StateDict:
+    try:
+        layout = detect_layout(state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if layout == "original":
+        return original_to_detrkit(state_dict)
+    if layout == "hf":
+        return hf_to_detrkit(state_dict)
+    return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
+
+def _read_hf_dir(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    hf = _read_json(path / "config.json")
+    if hf.get("model_type") not in (None, "detr"):
+        raise CheckpointError(f"{path}: config.json describes a {hf.get('model_type')!r} model, not DETR")
+    if (path / "model.safetensors").exists():
+        state_dict, _ = _read_safetensors(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").exists():
+        state_dict = torch_load_safe(path / "pytorch_model.bin")
+        if not _is_state_dict(state_dict):
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a state dict of tensors")
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
+    known = config_from_hf(hf)
+    if isinstance(hf.get("detrkit_config"), dict):
+        known.update(hf["detrkit_config"])  # written by detrkit: lossless round trip
+    return _from_layout(state_dict, path), known
+
+
+def read_checkpoint(source: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
+    """Read any supported checkpoint: returns a detrkit-layout state dict and the config fields the
+    file states (the rest is inferred from the weights by :func:`detrkit.convert.infer_config`)."""
+    path = Path(source)
+    if not path.exists():
+        from .hub import OFFICIAL_CHECKPOINTS, download_official
+
+        if str(source) in OFFICIAL_CHECKPOINTS:
+            path = download_official(str(source))
+            state_dict, known = read_checkpoint(path)
+            return state_dict, {**OFFICIAL_CHECKPOINTS[str(source)].config, **known}
+        raise CheckpointError(
+            f"{source}: no such file or directory, and not an official checkpoint name "
+            f"({', '.join(OFFICIAL_CHECKPOINTS)})"
+        )
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return _read_hf_dir(path)
+        raise CheckpointError(f"{path}: a directory without config.json (expected a Hugging Face DETR folder)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+
+    if path.suffix == ".safetensors":
+        state_dict, metadata = _read_safetensors(path)
+        known: dict[str, Any] = {}
+        if metadata.get("format") == "detrkit":
+            try:
+                known = json.loads(metadata["config"])
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{path}: detrkit checkpoint with a broken config ({e})") from None
+        return _from_layout(state_dict, path), known
+
+    obj = torch_load_safe(path)
+    known = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        args = obj.get("args")
+        if isinstance(args, argparse.Namespace):
+            known.update({k: getattr(args, k) for k in _ORIGINAL_ARGS if hasattr(args, k)})
+        if isinstance(obj.get("detrkit_config"), dict):
+            known.update(obj["detrkit_config"])
+        obj = obj["model"]
+    if not _is_state_dict(obj):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, or a dict with one under 'model'")
+    return _from_layout(obj, path), known
+
+
+def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu", **overrides: Any) -> Detr:
+    """Load a DETR from any supported checkpoint, in eval mode.
+
+    ``source`` is a path to an original DETR ``.pth`` (published weights or a training checkpoint),
+    a Hugging Face DETR folder (``config.json`` + ``model.safetensors``/``pytorch_model.bin``), a
+    detrkit ``.safetensors`` file, or the name of an official checkpoint (``detr-r50``, ...). The
+    architecture comes from the weights and the file's own config; ``overrides`` set what neither
+    states (e.g. ``dilation=True`` for a DC5 ``.pth`` without ``args``).
+    """
+    state_dict, known = read_checkpoint(source)
+    known.update(overrides)
+    try:
+        config = infer_config(state_dict, **known)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    model = Detr(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the inferred architecture ({config.backbone}, "
+            f"{config.enc_layers}+{config.dec_layers} layers, masks={config.masks}): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _state_dict(model: Detr) -> StateDict:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model(model: Detr, path: str | os.PathLike, fmt: str = "detrkit") -> Path:
+    """Save ``model`` as ``fmt``: ``detrkit`` (one ``.safetensors`` file with the config in its
+    metadata), ``original`` (a ``.pth`` the original code loads) or ``hf`` (a folder that
+    ``transformers`` loads with ``from_pretrained``). Returns the written path."""
+    path = Path(path)
+    config = model.config
+    state_dict = _state_dict(model)
+    if fmt == "detrkit":
+        metadata = {"format": "detrkit", "detrkit_version": __version__, "config": config.to_json()}
+        atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=metadata))
+    elif fmt == "original":
+        payload = {"model": detrkit_to_original(state_dict), "detrkit_config": config.to_dict()}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    elif fmt == "hf":
+        try:
+            hf_state = detrkit_to_hf(state_dict)
+        except ValueError as e:
+            raise CheckpointError(f"cannot write {path} as a Hugging Face checkpoint: {e}") from None
+        hf_config = {**hf_config_dict(config), "detrkit_config": config.to_dict()}
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
+        text = json.dumps(hf_config, indent=2) + "\n"
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    else:
+        raise ValueError(f"unknown checkpoint format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return path
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, **overrides: Any) -> Path:
+    """Read ``src`` in any format and write it to ``dst`` as ``fmt`` (lossless)."""
+    return save_model(load_model(src, **overrides), dst, fmt)
+
+
+def config_of(source: str | os.PathLike) -> DetrConfig:
+    """The DetrConfig a checkpoint loads with, without building the model."""
+    state_dict, known = read_checkpoint(source)
+    return infer_config(state_dict, **known)

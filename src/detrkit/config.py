@@ -1,0 +1,134 @@
+"""Typed configuration of a DETR model and its training losses.
+
+One frozen dataclass holds everything needed to rebuild a model (architecture) and its criterion
+(matcher costs and loss weights), so that ``build_criterion(model.config)`` always matches the model.
+Defaults are those of the paper / the original training script (R50, 6+6 layers, 100 queries, COCO's
+91-id class layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+POSITION_EMBEDDINGS = ("sine", "learned")
+
+
+@dataclass(frozen=True)
+class DetrConfig:
+    """Architecture and loss configuration of DETR.
+
+    ``num_classes`` counts the real classes; the class head has ``num_classes + 1`` outputs, the last
+    one being "no object". Labels are contiguous indices ``0..num_classes-1``; ``category_ids`` maps
+    them back to a dataset's own ids (e.g. COCO's 1..90), and ``class_names`` names them.
+    """
+
+    # --- backbone -------------------------------------------------------------------------------
+    backbone: str = "resnet50"
+    dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding it
+    train_backbone: bool = True  # layers 2-4 trainable (conv1 and layer1 are always frozen)
+    pretrained_backbone: bool = False  # ImageNet weights from torchvision; downloads, so opt-in only
+    # --- transformer ----------------------------------------------------------------------------
+    position_embedding: str = "sine"  # "sine" (normalised, temperature 10000) or "learned"
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False
+    # --- heads ----------------------------------------------------------------------------------
+    num_queries: int = 100
+    num_classes: int = 91
+    aux_loss: bool = True
+    masks: bool = False  # add the mask head (instance / panoptic segmentation)
+    freeze_detector: bool = False  # train only the mask head (the paper's second stage)
+    # --- matcher costs --------------------------------------------------------------------------
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    # --- loss weights ---------------------------------------------------------------------------
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    mask_loss_coef: float = 1.0
+    dice_loss_coef: float = 1.0
+    eos_coef: float = 0.1  # relative weight of the "no object" class in the classification loss
+    # --- labels ---------------------------------------------------------------------------------
+    class_names: tuple[str, ...] | None = None
+    category_ids: tuple[int, ...] | None = None  # dataset id of each contiguous label
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form metadata
+
+    def __post_init__(self) -> None:
+        # Tuples may arrive as lists (JSON); normalise so the config stays hashable and comparable.
+        for name in ("class_names", "category_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for any inconsistent value."""
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"DetrConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.backbone not in BACKBONES:
+            raise bad("backbone", f"expected one of {', '.join(BACKBONES)}")
+        if self.dilation and self.backbone in ("resnet18", "resnet34"):
+            raise bad("dilation", f"DC5 needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise bad("position_embedding", f"expected one of {', '.join(POSITION_EMBEDDINGS)}")
+        for name in ("d_model", "nheads", "dim_feedforward", "num_queries", "num_classes", "dec_layers"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if self.enc_layers < 0:
+            raise bad("enc_layers", "must be >= 0")
+        if self.d_model % self.nheads:
+            raise bad("nheads", f"d_model={self.d_model} must be divisible by the number of heads")
+        if self.d_model % 2:
+            raise bad("d_model", "must be even (half of it encodes x, half y)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must be in [0, 1)")
+        if self.masks and (self.d_model % 16 or (self.d_model + self.nheads) % 8):
+            raise bad("d_model", "the mask head needs d_model divisible by 16 and d_model + nheads by 8")
+        for name in ("class_names", "category_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_classes:
+                raise bad(name, f"has {len(value)} entries but num_classes={self.num_classes}")
+        if self.category_ids is not None and len(set(self.category_ids)) != len(self.category_ids):
+            raise bad("category_ids", "ids must be unique")
+
+    # --- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("class_names", "category_ids"):
+            if d[name] is not None:
+                d[name] = list(d[name])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetrConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DetrConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> DetrConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> DetrConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the backbone's last feature map."""
+        return 512 if self.backbone in ("resnet18", "resnet34") else 2048

@@ -1,0 +1,39 @@
+"""Turn raw model outputs into per-image detections in absolute image coordinates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+
+class PostProcess(nn.Module):
+    """Detection post-processing: scores/labels from the softmax without the no-object class,
+    boxes converted from normalised (cx, cy, w, h) to absolute (x1, y1, x2, y2)."""
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """
+        Args:
+            outputs: ``pred_logits`` Tensor[B, Q, K+1], ``pred_boxes`` Tensor[B, Q, 4].
+            target_sizes: Tensor[B, 2] with each image's (height, width) in the output frame,
+                normally the original image size.
+
+        Returns:
+            One dict per image: ``scores`` Tensor[Q], ``labels`` Int64Tensor[Q] (contiguous class
+            indices), ``boxes`` Tensor[Q, 4] absolute xyxy.
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        target_sizes = torch.as_tensor(target_sizes, device=logits.device)
+        if target_sizes.shape != (len(logits), 2):
+            raise ValueError(
+                f"target_sizes must be Tensor[B, 2] of (height, width) with B={len(logits)}, "
+                f"got shape {tuple(target_sizes.shape)}"
+            )
+        prob = logits.float().softmax(-1)
+        scores, labels = prob[..., :-1].max(-1)
+        xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
+        img_h, img_w = target_sizes.float().unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+        xyxy = xyxy * scale[:, None, :]
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, xyxy)]

@@ -1,0 +1,259 @@
+"""DETR's encoder-decoder transformer, batch-first, on ``scaled_dot_product_attention``.
+
+Parameter names follow the original (and ``torch.nn.MultiheadAttention``): ``self_attn.in_proj_weight``
+packs the q/k/v projections, ``linear1/linear2`` form the FFN, ``norm1..3`` the layer norms. The
+semantics are the original's: position encodings are added to queries and keys (never values), the
+decoder keeps its un-normalised state between layers and normalises only the copies it returns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with packed in-projection, computed by ``F.scaled_dot_product_attention``.
+
+    Unlike ``nn.MultiheadAttention`` it takes the inputs to project separately for q, k and v, so the
+    shared q/k projection of self-attention costs one matmul, and it is batch-first.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """
+        Args:
+            query: Tensor[B, Lq, E]; key: Tensor[B, Lk, E]; value: Tensor[B, Lk, E].
+            key_padding_mask: Bool Tensor[B, Lk], True where the key is padding, or None.
+            need_weights: also return the attention weights averaged over heads, Tensor[B, Lq, Lk].
+
+        Returns:
+            (Tensor[B, Lq, E], weights or None)
+        """
+        e = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k = F.linear(query, w[: 2 * e], b[: 2 * e]).chunk(2, dim=-1)
+        else:
+            q = F.linear(query, w[:e], b[:e])
+            k = F.linear(key, w[e : 2 * e], b[e : 2 * e])
+        v = F.linear(value, w[2 * e :], b[2 * e :])
+
+        batch, len_q, _ = q.shape
+        len_k = k.shape[1]
+        head_dim = e // self.num_heads
+        q = q.view(batch, len_q, self.num_heads, head_dim).transpose(1, 2)
+        k = k.view(batch, len_k, self.num_heads, head_dim).transpose(1, 2)
+        v = v.view(batch, len_k, self.num_heads, head_dim).transpose(1, 2)
+        # SDPA's boolean mask means "may attend", broadcast over heads and queries.
+        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        dropout_p = self.dropout if self.training else 0.0
+
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            probs = scores.softmax(-1)
+            weights = probs.mean(1)
+            out = F.dropout(probs, dropout_p, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(batch, len_q, e)
+        return self.out_proj(out), weights
+
+
+def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
+class TransformerEncoderLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
+        """src, pos: Tensor[B, S, E]; key_padding_mask: Bool Tensor[B, S] or None."""
+        if self.pre_norm:
+            x = self.norm1(src)
+            qk = _with_pos(x, pos)
+            src = src + self.dropout1(self.self_attn(qk, qk, x, key_padding_mask)[0])
+            return src + self.dropout2(self._ffn(self.norm2(src)))
+        qk = _with_pos(src, pos)
+        src = self.norm1(src + self.dropout1(self.self_attn(qk, qk, src, key_padding_mask)[0]))
+        return self.norm2(src + self.dropout2(self._ffn(src)))
+
+
+class TransformerDecoderLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_key_padding_mask: Tensor | None,
+        pos: Tensor | None,
+        query_pos: Tensor,
+    ) -> Tensor:
+        """tgt, query_pos: Tensor[B, Q, E]; memory, pos: Tensor[B, S, E]; mask: Bool Tensor[B, S] or None."""
+        key = _with_pos(memory, pos)
+        if self.pre_norm:
+            x = self.norm1(tgt)
+            qk = x + query_pos
+            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
+            x = self.norm2(tgt)
+            tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, key, memory, memory_key_padding_mask)[0])
+            return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
+        qk = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
+        attended = self.multihead_attn(tgt + query_pos, key, memory, memory_key_padding_mask)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, layers: list[TransformerEncoderLayer], norm: nn.LayerNorm | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm  # only with pre-norm layers, as in the original
+
+    def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
+        for layer in self.layers:
+            src = layer(src, key_padding_mask, pos)
+        return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, layers: list[TransformerDecoderLayer], norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_key_padding_mask: Tensor | None,
+        pos: Tensor | None,
+        query_pos: Tensor,
+        return_intermediate: bool,
+    ) -> Tensor:
+        """Returns Tensor[L, B, Q, E] (every layer, normalised) or Tensor[1, B, Q, E] (last layer only)."""
+        intermediate = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            if return_intermediate:
+                # The un-normalised state goes on to the next layer; only this copy is normalised.
+                intermediate.append(self.norm(tgt))
+        if return_intermediate:
+            return torch.stack(intermediate)
+        return self.norm(tgt)[None]
+
+
+class Transformer(nn.Module):
+    """Encoder over the flattened feature map, decoder over the object queries.
+
+    Args mirror the original: d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
+    dropout (also applied to attention weights), normalize_before (pre-norm).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        normalize_before: bool = False,
+    ) -> None:
+        super().__init__()
+        args = (d_model, nhead, dim_feedforward, dropout, normalize_before)
+        self.encoder = TransformerEncoder(
+            [TransformerEncoderLayer(*args) for _ in range(num_encoder_layers)],
+            nn.LayerNorm(d_model) if normalize_before else None,
+        )
+        self.decoder = TransformerDecoder(
+            [TransformerDecoderLayer(*args) for _ in range(num_decoder_layers)], nn.LayerNorm(d_model)
+        )
+        self.d_model = d_model
+        self.nhead = nhead
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None,
+        query_embed: Tensor,
+        pos_embed: Tensor,
+        return_intermediate: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """
+        Args:
+            src: projected features, Tensor[B, E, H, W].
+            mask: Bool Tensor[B, H, W], True on padding, or None.
+            query_embed: learned object queries, Tensor[Q, E].
+            pos_embed: Tensor[B, E, H, W].
+
+        Returns:
+            hs: decoder outputs, Tensor[L, B, Q, E] (L = 1 unless ``return_intermediate``);
+            memory: encoder output, Tensor[B, E, H, W].
+        """
+        batch, channels, height, width = src.shape
+        src = src.flatten(2).transpose(1, 2)
+        pos = pos_embed.flatten(2).transpose(1, 2)
+        key_padding_mask = None if mask is None else mask.flatten(1)
+        query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
+        memory = self.encoder(src, key_padding_mask, pos)
+        tgt = torch.zeros_like(query_pos)
+        hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, return_intermediate)
+        return hs, memory.transpose(1, 2).reshape(batch, channels, height, width)

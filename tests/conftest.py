@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+import detrkit
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> detrkit.DetrConfig:
+    """A model small enough for CPU tests, with every architectural feature still present."""
+    base = dict(
+        backbone="resnet18",
+        d_model=64,
+        nheads=8,
+        enc_layers=2,
+        dec_layers=3,
+        dim_feedforward=96,
+        num_queries=7,
+        num_classes=4,
+        dropout=0.0,
+    )
+    base.update(overrides)
+    return detrkit.DetrConfig(**base)
+
+
+def randomize_buffers(model: torch.nn.Module, seed: int = 0) -> None:
+    """Frozen BatchNorm buffers start as identity; make them random so parity tests see them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+            elif name.endswith(("running_mean", "bias")) and buf.is_floating_point():
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+            elif name.endswith("weight") and buf.is_floating_point():
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+
+
+def padded_batch(sizes=((96, 128), (80, 96)), seed: int = 0):
+    """Two images of different sizes, padded bottom/right; returns (images, padding_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    images = torch.zeros(len(sizes), 3, height, width)
+    padding_mask = torch.ones(len(sizes), height, width, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        padding_mask[i, :h, :w] = False
+    return images, padding_mask
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    model = detrkit.build_model(tiny_config()).eval()
+    randomize_buffers(model)
+    return model
