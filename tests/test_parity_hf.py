@@ -5,9 +5,8 @@ import torch
 
 import detrkit
 import detrkit.cli
-from detrkit.checkpoints import save_model
-
 from conftest import padded_batch, randomize_buffers
+from detrkit.checkpoints import save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,7 +105,9 @@ def test_round_trip_through_every_format(tmp_path, segmentation):
     expected = hf_outputs(hf, images, padding_mask)
 
     source = tmp_path / "hf"
-    for i, (fmt, name) in enumerate([("detrkit", "a.safetensors"), ("original", "b.pth"), ("hf", "c"), ("detrkit", "d.safetensors")]):
+    for i, (fmt, name) in enumerate(
+        [("detrkit", "a.safetensors"), ("original", "b.pth"), ("hf", "c"), ("detrkit", "d.safetensors")]
+    ):
         target = tmp_path / f"{i}-{name}"
         assert detrkit.cli.main(["convert", str(source), str(target), "--to", fmt]) == 0
         model = detrkit.load_model(target)

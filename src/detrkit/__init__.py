@@ -1,8 +1,8 @@
 """detrkit: DETR (End-to-End Object Detection with Transformers) in PyTorch.
 
-    >>> import detrkit
-    >>> model = detrkit.build_model(detrkit.DetrConfig(num_classes=3))
-    >>> criterion = detrkit.build_criterion(model.config)
+>>> import detrkit
+>>> model = detrkit.build_model(detrkit.DetrConfig(num_classes=3))
+>>> criterion = detrkit.build_criterion(model.config)
 """
 
 __version__ = "0.1.0"

@@ -31,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a checkpoint between detrkit, original DETR and Hugging Face formats")
-    p.add_argument("src", help="checkpoint to read: .pth, .safetensors, a Hugging Face folder or an official name")
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint between detrkit, original DETR and Hugging Face formats"
+    )
+    p.add_argument(
+        "src", help="checkpoint to read: .pth, .safetensors, a Hugging Face folder or an official name"
+    )
     p.add_argument("dst", help="where to write (a .safetensors / .pth file, or a folder for --to hf)")
     p.add_argument("--to", required=True, choices=("detrkit", "original", "hf"), help="output format")
-    p.add_argument("--dilation", action="store_true", help="the source is a DC5 model whose file does not say so")
+    p.add_argument(
+        "--dilation", action="store_true", help="the source is a DC5 model whose file does not say so"
+    )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("info", help="print the configuration a checkpoint loads with")

@@ -91,10 +91,22 @@ _HF5_TO_HF4 = [
 _HF_RESNET = [
     (re.compile(r"^embedder\.embedder\.convolution\."), "conv1."),
     (re.compile(r"^embedder\.embedder\.normalization\."), "bn1."),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\."), "layer{s}.{l}.downsample.0."),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\."), "layer{s}.{l}.downsample.1."),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\."), "layer{s}.{l}.conv{i}."),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\."), "layer{s}.{l}.bn{i}."),
+    (
+        re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\."),
+        "layer{s}.{l}.downsample.0.",
+    ),
+    (
+        re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\."),
+        "layer{s}.{l}.downsample.1.",
+    ),
+    (
+        re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\."),
+        "layer{s}.{l}.conv{i}.",
+    ),
+    (
+        re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\."),
+        "layer{s}.{l}.bn{i}.",
+    ),
 ]
 
 _HF_ENCODER_LAYER = {
@@ -186,7 +198,9 @@ def hf_to_detrkit(state_dict: StateDict) -> StateDict:
             continue
         parts = [renamed.get(f"{prefix}.{p}_proj.{kind}") for p in "qkv"]
         if any(p is None for p in parts):
-            raise ValueError(f"Hugging Face checkpoint has {prefix}.q_proj.{kind} without matching k/v projections")
+            raise ValueError(
+                f"Hugging Face checkpoint has {prefix}.q_proj.{kind} without matching k/v projections"
+            )
         out[f"{prefix}.in_proj_{kind}"] = torch.cat(parts)
     return out
 

@@ -14,7 +14,9 @@ from .matcher import HungarianMatcher, build_matcher
 Indices = list[tuple[Tensor, Tensor]]
 
 
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2):
+def sigmoid_focal_loss(
+    inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2
+):
     """RetinaNet's focal loss, averaged over pixels and summed over masks, divided by ``num_boxes``.
 
     inputs, targets: Tensor[N, P] (mask logits and binary targets over P pixels).
@@ -79,7 +81,9 @@ class SetCriterion(nn.Module):
         self.losses = tuple(losses)
         unknown = set(self.losses) - {"labels", "boxes", "cardinality", "masks"}
         if unknown:
-            raise ValueError(f"unknown loss(es) {sorted(unknown)}: choose from labels, boxes, cardinality, masks")
+            raise ValueError(
+                f"unknown loss(es) {sorted(unknown)}: choose from labels, boxes, cardinality, masks"
+            )
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -120,7 +124,9 @@ class SetCriterion(nn.Module):
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes)
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         loss_giou = 1 - torch.diag(
-            generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+            generalized_box_iou(
+                box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
+            )
         )
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
@@ -138,11 +144,17 @@ class SetCriterion(nn.Module):
         offsets = torch.tensor([0] + [len(m) for m in per_image], device=padded.device).cumsum(0)[:-1]
         target_masks = padded[offsets[tgt_idx[0].to(padded.device)] + tgt_idx[1].to(padded.device)]
         src = F.interpolate(
-            src_masks[src_idx][:, None].float(), size=target_masks.shape[-2:], mode="bilinear", align_corners=False
+            src_masks[src_idx][:, None].float(),
+            size=target_masks.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
         )
         src = src[:, 0].flatten(1)
         target = target_masks.flatten(1).to(src)
-        return {"loss_mask": sigmoid_focal_loss(src, target, num_boxes), "loss_dice": dice_loss(src, target, num_boxes)}
+        return {
+            "loss_mask": sigmoid_focal_loss(src, target, num_boxes),
+            "loss_dice": dice_loss(src, target, num_boxes),
+        }
 
     # --- helpers --------------------------------------------------------------------------------
     @staticmethod

@@ -46,14 +46,20 @@ _COCO = {"class_names": COCO_CLASSES, "category_ids": tuple(range(91))}
 
 OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     "detr-r50": OfficialCheckpoint("detr-r50-e632da11.pth", "e632da11", {**_COCO}, box_ap=42.0),
-    "detr-r50-dc5": OfficialCheckpoint("detr-r50-dc5-f0fb7ef5.pth", "f0fb7ef5", {**_COCO, "dilation": True}, 43.3),
+    "detr-r50-dc5": OfficialCheckpoint(
+        "detr-r50-dc5-f0fb7ef5.pth", "f0fb7ef5", {**_COCO, "dilation": True}, 43.3
+    ),
     "detr-r101": OfficialCheckpoint("detr-r101-2c7b67e5.pth", "2c7b67e5", {**_COCO}, box_ap=43.5),
-    "detr-r101-dc5": OfficialCheckpoint("detr-r101-dc5-a2e86def.pth", "a2e86def", {**_COCO, "dilation": True}, 44.9),
+    "detr-r101-dc5": OfficialCheckpoint(
+        "detr-r101-dc5-a2e86def.pth", "a2e86def", {**_COCO, "dilation": True}, 44.9
+    ),
     "detr-r50-panoptic": OfficialCheckpoint("detr-r50-panoptic-00ce5173.pth", "00ce5173", {}, 38.8, pq=43.4),
     "detr-r50-dc5-panoptic": OfficialCheckpoint(
         "detr-r50-dc5-panoptic-da08f1b1.pth", "da08f1b1", {"dilation": True}, 40.2, pq=44.6
     ),
-    "detr-r101-panoptic": OfficialCheckpoint("detr-r101-panoptic-40021d53.pth", "40021d53", {}, 40.1, pq=45.1),
+    "detr-r101-panoptic": OfficialCheckpoint(
+        "detr-r101-panoptic-40021d53.pth", "40021d53", {}, 40.1, pq=45.1
+    ),
 }
 
 
@@ -78,7 +84,9 @@ def download_official(name: str, *, url: str | None = None, progress: bool = Tru
     from .checkpoints import CheckpointError
 
     if name not in OFFICIAL_CHECKPOINTS:
-        raise CheckpointError(f"unknown official checkpoint {name!r}: choose from {', '.join(OFFICIAL_CHECKPOINTS)}")
+        raise CheckpointError(
+            f"unknown official checkpoint {name!r}: choose from {', '.join(OFFICIAL_CHECKPOINTS)}"
+        )
     entry = OFFICIAL_CHECKPOINTS[name]
     dst = cache_dir() / entry.filename
     url = url or entry.url
@@ -101,4 +109,3 @@ def download_official(name: str, *, url: str | None = None, progress: bool = Tru
             f"delete it and download {url} again"
         )
     return dst
-

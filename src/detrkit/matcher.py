@@ -19,13 +19,17 @@ class HungarianMatcher(nn.Module):
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("all matcher costs are 0: at least one of cost_class, cost_bbox, cost_giou must be set")
+            raise ValueError(
+                "all matcher costs are 0: at least one of cost_class, cost_bbox, cost_giou must be set"
+            )
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
 
     @torch.no_grad()
-    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
             outputs: ``pred_logits`` Tensor[B, Q, K+1] and ``pred_boxes`` Tensor[B, Q, 4] (cxcywh, normalised).
@@ -66,7 +70,9 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
         return indices
 
 

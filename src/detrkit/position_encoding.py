@@ -17,7 +17,11 @@ class PositionEmbeddingSine(nn.Module):
     """
 
     def __init__(
-        self, num_pos_feats: int = 128, temperature: int = 10000, normalize: bool = True, scale: float | None = None
+        self,
+        num_pos_feats: int = 128,
+        temperature: int = 10000,
+        normalize: bool = True,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         if scale is not None and not normalize:

@@ -88,7 +88,9 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
 
 
 class TransformerEncoderLayer(nn.Module):
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+    ) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -116,7 +118,9 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+    ) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -149,7 +153,9 @@ class TransformerDecoderLayer(nn.Module):
             qk = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
             x = self.norm2(tgt)
-            tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, key, memory, memory_key_padding_mask)[0])
+            tgt = tgt + self.dropout2(
+                self.multihead_attn(x + query_pos, key, memory, memory_key_padding_mask)[0]
+            )
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))

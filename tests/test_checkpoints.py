@@ -1,0 +1,222 @@
+import argparse
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import threading
+from functools import partial
+
+import pytest
+import torch
+
+import detrkit
+import detrkit.cli
+from conftest import padded_batch, randomize_buffers, tiny_config
+from detrkit import CheckpointError, hub, load_model, save_model
+from detrkit.convert import detrkit_to_original
+
+
+def outputs_of(model):
+    images, padding_mask = padded_batch()
+    with torch.no_grad():
+        return model(images, padding_mask)
+
+
+def assert_same_outputs(a, b):
+    oa, ob = outputs_of(a), outputs_of(b)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(oa[key], ob[key], atol=1e-6), key
+
+
+def test_detrkit_format_keeps_config_and_weights(tmp_path, tiny_model):
+    config = tiny_model.config.replace(class_names=("a", "b", "c", "d"), category_ids=(1, 5, 9, 12))
+    model = detrkit.Detr(config)
+    model.load_state_dict(tiny_model.state_dict())
+    path = save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    assert loaded.config == config
+    assert not loaded.training
+    assert_same_outputs(model.eval(), loaded)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_original_training_checkpoint_with_args_namespace(tmp_path):
+    """What the original main.py writes: model, optimizer, lr_scheduler, epoch and an argparse
+    Namespace. It loads without unrestricted unpickling, and args supply what weights can't."""
+    torch.manual_seed(0)
+    config = tiny_config(backbone="resnet50", dilation=True, nheads=4)
+    model = detrkit.build_model(config).eval()
+    randomize_buffers(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 200)
+    args = argparse.Namespace(
+        lr=1e-4,
+        dilation=True,
+        nheads=4,
+        dropout=0.0,
+        aux_loss=True,
+        eos_coef=0.1,
+        backbone="resnet50",
+        coco_path="/data/coco",
+        output_dir="out",
+        masks=False,
+    )
+    torch.save(
+        {
+            "model": detrkit_to_original(model.state_dict()),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "epoch": 12,
+            "args": args,
+        },
+        tmp_path / "checkpoint.pth",
+    )
+    loaded = load_model(tmp_path / "checkpoint.pth")
+    assert loaded.config.dilation and loaded.config.nheads == 4 and loaded.config.backbone == "resnet50"
+    assert_same_outputs(model, loaded)
+
+
+def test_published_style_checkpoint_needs_overrides_only_for_what_weights_hide(tmp_path, tiny_model):
+    torch.save({"model": detrkit_to_original(tiny_model.state_dict())}, tmp_path / "published.pth")
+    loaded = load_model(tmp_path / "published.pth", dropout=0.0)
+    assert loaded.config.replace(extra={}) == tiny_model.config.replace(extra={})
+    assert_same_outputs(tiny_model, loaded)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
+def test_pickle_payload_is_not_executed(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    path = tmp_path / "evil.pth"
+    if zip_format:
+        torch.save({"model": {"w": torch.zeros(1)}, "x": payload}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"model": payload}, f)
+    with pytest.raises(CheckpointError, match="refused to load") as excinfo:
+        load_model(path)
+    assert str(path) in str(excinfo.value)
+    assert not marker.exists(), "the pickle payload ran"
+
+
+@pytest.mark.parametrize(
+    "content,name,match",
+    [
+        (b"", "empty.pth", "empty file"),
+        (b"hello, not a checkpoint", "text.pth", "not a readable PyTorch checkpoint"),
+        (b"\x00\x01garbage", "bad.safetensors", "not a readable safetensors file"),
+    ],
+)
+def test_corrupt_files_give_clear_errors(tmp_path, content, name, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+
+
+def test_truncated_checkpoint(tmp_path, tiny_model):
+    path = save_model(tiny_model, tmp_path / "m.pth", "original")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_model(path)
+
+
+def test_not_a_detr_state_dict(tmp_path):
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a DETR checkpoint"):
+        load_model(tmp_path / "other.pth")
+
+
+def test_unknown_source_lists_official_names(tmp_path):
+    with pytest.raises(CheckpointError, match="detr-r50"):
+        load_model(tmp_path / "missing.pth")
+
+
+def test_cli_convert_and_info(tmp_path, tiny_model, capsys):
+    src = save_model(tiny_model, tmp_path / "m.safetensors")
+    assert detrkit.cli.main(["convert", str(src), str(tmp_path / "o.pth"), "--to", "original"]) == 0
+    assert detrkit.cli.main(["info", str(tmp_path / "o.pth")]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["backbone"] == "resnet18" and info["num_queries"] == 7
+    assert detrkit.cli.main(["info", str(tmp_path / "nope.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_pre_norm_cannot_become_hf(tmp_path):
+    model = detrkit.build_model(tiny_config(pre_norm=True))
+    with pytest.raises(CheckpointError, match="pre-norm"):
+        save_model(model, tmp_path / "hf", "hf")
+
+
+# --- official checkpoints: downloaded for real, from a server on 127.0.0.1 --------------------------
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_official_checkpoint_download(tmp_path, tiny_model, local_server, monkeypatch):
+    root, url = local_server
+    torch.save({"model": detrkit_to_original(tiny_model.state_dict())}, root / "detr-tiny.pth")
+    digest = hashlib.sha256((root / "detr-tiny.pth").read_bytes()).hexdigest()
+    entry = hub.OfficialCheckpoint(
+        f"detr-tiny-{digest[:8]}.pth", digest[:8], {"dropout": 0.0, "class_names": tuple("abcd")}
+    )
+    (root / "detr-tiny.pth").rename(root / entry.filename)
+    monkeypatch.setitem(hub.OFFICIAL_CHECKPOINTS, "detr-tiny", entry)
+    monkeypatch.setattr(hub, "BASE_URL", url)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    loaded = load_model("detr-tiny")
+    assert (tmp_path / "torch-home" / "hub" / "checkpoints" / entry.filename).exists()
+    assert loaded.config.class_names == tuple("abcd")
+    assert_same_outputs(tiny_model, loaded)
+    (root / entry.filename).unlink()  # the cached copy is used from now on
+    assert_same_outputs(tiny_model, load_model("detr-tiny"))
+
+
+def test_official_checkpoint_offline_and_corrupt(tmp_path, local_server, monkeypatch):
+    root, url = local_server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    entry = hub.OfficialCheckpoint("detr-x-12345678.pth", "12345678")
+    monkeypatch.setitem(hub.OFFICIAL_CHECKPOINTS, "detr-x", entry)
+
+    monkeypatch.setattr(hub, "BASE_URL", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    with pytest.raises(CheckpointError, match="put it at .*detr-x-12345678.pth"):
+        load_model("detr-x")
+
+    (root / entry.filename).write_bytes(b"not the published file")
+    monkeypatch.setattr(hub, "BASE_URL", url)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model("detr-x")
+    assert not (tmp_path / "torch-home" / "hub" / "checkpoints" / entry.filename).exists()
+
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / entry.filename
+    cached.write_bytes(b"placed by hand, wrong file")
+    with pytest.raises(CheckpointError, match="does not match the published"):
+        load_model("detr-x")
+
+
+def test_official_registry_matches_published_names():
+    for name, entry in hub.OFFICIAL_CHECKPOINTS.items():
+        assert entry.filename.startswith(name + "-") and entry.filename.endswith(f"{entry.sha256_prefix}.pth")
+        assert entry.url.startswith("https://dl.fbaipublicfiles.com/detr/")
+        assert entry.config.get("dilation", False) == ("dc5" in name)
