@@ -61,6 +61,9 @@ class Backbone(nn.Module):
             return_layers = {"layer4": "0"}
             self.strides = [16 if dilation else 32]
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        # NHWC convolutions are markedly faster with oneDNN on CPU and with tensor cores on GPU
+        # (bench/forward_vs_transformers.py); load_state_dict keeps this layout.
+        self.body.to(memory_format=torch.channels_last)
         expansion = 1 if name in ("resnet18", "resnet34") else 4
         all_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         self.channels = all_channels if return_interm_layers else all_channels[-1:]
@@ -77,6 +80,7 @@ class Backbone(nn.Module):
             shallowest first.
         """
         out = []
+        images = images.contiguous(memory_format=torch.channels_last)
         for features in self.body(images).values():
             mask = None
             if padding_mask is not None:

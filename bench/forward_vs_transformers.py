@@ -1,0 +1,96 @@
+"""Inference latency of detrkit vs Hugging Face transformers on the same DETR weights.
+
+Builds a transformers ``DetrForObjectDetection`` (ResNet-50, paper sizes) with random weights,
+saves it, loads the same file with ``detrkit.load_model``, checks the outputs agree, then times
+both forwards side by side (interleaved, after warm-up) and prints medians and the ratio.
+
+    python bench/forward_vs_transformers.py --size 800 1066 --batch 1 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+import detrkit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = transformers.DetrConfig(use_timm_backbone=True, backbone="resnet50", auxiliary_loss=False)
+    hf = transformers.DetrForObjectDetection(config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = detrkit.load_model(tmp, device=args.device)
+    hf = hf.to(args.device)
+
+    h, w = args.size
+    images = torch.randn(args.batch, 3, h, w, device=args.device)
+    padding_mask = torch.zeros(args.batch, h, w, dtype=torch.bool, device=args.device)
+    if args.batch > 1:  # a realistic padded batch: the second image is smaller
+        padding_mask[1:, :, w * 3 // 4 :] = True
+
+    def run_ours():
+        return ours(images, padding_mask)
+
+    def run_hf():
+        return hf(pixel_values=images, pixel_mask=(~padding_mask).long())
+
+    def timed(fn) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timed.last = out
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        a, b = run_ours(), run_hf()
+        diff = max(
+            (a["pred_logits"] - b.logits).abs().max().item(),
+            (a["pred_boxes"] - b.pred_boxes).abs().max().item(),
+        )
+        for _ in range(2):  # warm-up
+            run_ours(), run_hf()
+        t_ours, t_hf = [], []
+        for _ in range(args.runs):  # interleaved so both see the same machine state
+            t_ours.append(timed(run_ours))
+            t_hf.append(timed(run_hf))
+
+    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, device {args.device}"
+    )
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
+    )
+    print(f"input: batch {args.batch} x 3 x {h} x {w}; max |diff| of logits and boxes = {diff:.1e}")
+    print(
+        f"detrkit      median {m_ours * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_ours)})"
+    )
+    print(f"transformers median {m_hf * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf)})")
+    print(f"speed-up: {m_hf / m_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
