@@ -12,8 +12,6 @@ import argparse
 import json
 import os
 import pickle
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from .convert import (
     infer_config,
     original_to_detrkit,
 )
+from .fileio import atomic_write, write_json_atomic
 from .model import Detr
 
 FORMATS = ("detrkit", "original", "hf")
@@ -61,22 +60,6 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # Low-level I/O
 # ---------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def torch_load_safe(path: str | os.PathLike) -> Any:
@@ -274,8 +257,7 @@ def save_model(model: Detr, path: str | os.PathLike, fmt: str = "detrkit") -> Pa
         atomic_write(
             path / "model.safetensors", lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"})
         )
-        text = json.dumps(hf_config, indent=2) + "\n"
-        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+        write_json_atomic(path / "config.json", hf_config)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}: expected one of {', '.join(FORMATS)}")
     return path
