@@ -12,7 +12,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -o addopts=""
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -3,13 +3,11 @@
 import socket
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from detrkit import build_criterion
-
 from conftest import tiny_config
+from detrkit import build_criterion
 from test_criterion import random_outputs, random_targets
 
 COUNTS = {0: (2,), 1: (4,)}
@@ -40,6 +38,8 @@ def test_num_boxes_is_averaged_across_processes():
         results = dict(results)
     criterion = build_criterion(tiny_config(aux_loss=False))
     for rank, counts in COUNTS.items():
-        single = criterion(random_outputs(batch=1, layers=1, seed=rank), random_targets(counts=counts, seed=rank))
+        single = criterion(
+            random_outputs(batch=1, layers=1, seed=rank), random_targets(counts=counts, seed=rank)
+        )
         # Single process: divided by its own count; distributed: by the mean count (2 + 4) / 2 = 3.
         assert results[rank] == pytest.approx(single["loss_bbox"].item() * counts[0] / 3, rel=1e-5)

@@ -1,0 +1,147 @@
+"""Validation of COCO instances files: everything that would silently hurt training, reported."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+EXIF_ORIENTATION = 274  # the EXIF tag; values 5-8 swap width and height
+
+
+@dataclass
+class CheckReport:
+    """Problems found in one annotation file, grouped by kind."""
+
+    source: str
+    errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    warnings: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def error(self, kind: str, detail: str) -> None:
+        self.errors[kind].append(detail)
+
+    def warn(self, kind: str, detail: str) -> None:
+        self.warnings[kind].append(detail)
+
+    def summary(self, examples: int = 5) -> str:
+        lines = [f"{self.source}: " + ", ".join(f"{v} {k}" for k, v in self.stats.items())]
+        for label, group in (("error", self.errors), ("warning", self.warnings)):
+            for kind, details in group.items():
+                shown = "; ".join(details[:examples]) + ("; ..." if len(details) > examples else "")
+                lines.append(f"  {label}: {kind} ({len(details)}): {shown}")
+        n_err = sum(len(v) for v in self.errors.values())
+        n_warn = sum(len(v) for v in self.warnings.values())
+        lines.append(f"  {'OK' if self.ok else 'FAILED'}: {n_err} error(s), {n_warn} warning(s)")
+        return "\n".join(lines)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the loader will see it (EXIF orientation applied), from the header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def _duplicates(items: list[dict[str, Any]]) -> list[Any]:
+    counts = Counter(item.get("id") for item in items)
+    return sorted((k for k, n in counts.items() if n > 1), key=str)
+
+
+def check_annotations(
+    ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True
+) -> CheckReport:
+    """Check a COCO instances JSON (and, with ``image_dir``, that its images exist and match)."""
+    report = CheckReport(str(ann_file))
+    try:
+        data = json.loads(Path(ann_file).read_text())
+    except (OSError, ValueError) as e:
+        report.error("unreadable annotation file", str(e))
+        return report
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
+            report.error("missing field", f"no '{key}' list")
+    if not report.ok:
+        return report
+    images, annotations, categories = data["images"], data["annotations"], data["categories"]
+    report.stats = {"images": len(images), "annotations": len(annotations), "categories": len(categories)}
+
+    for name, items in (("image", images), ("annotation", annotations), ("category", categories)):
+        for dup in _duplicates(items):
+            report.error(f"duplicate {name} ids", f"id {dup}")
+    image_by_id = {img.get("id"): img for img in images}
+    category_ids = {c.get("id") for c in categories}
+
+    annotated = set()
+    for ann in annotations:
+        aid = ann.get("id")
+        image = image_by_id.get(ann.get("image_id"))
+        if image is None:
+            report.error("annotation of an unknown image", f"annotation {aid} -> image {ann.get('image_id')}")
+            continue
+        annotated.add(ann.get("image_id"))
+        if ann.get("category_id") not in category_ids:
+            report.error("unknown category ids", f"annotation {aid}: category {ann.get('category_id')}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            report.error("malformed boxes", f"annotation {aid}: bbox {bbox!r}")
+            continue
+        x, y, w, h = bbox
+        if w <= 0 or h <= 0:
+            report.error("negative or zero box sizes", f"annotation {aid}: w={w}, h={h}")
+            continue
+        width, height = image.get("width"), image.get("height")
+        if width and height and (x < 0 or y < 0 or x + w > width + 0.5 or y + h > height + 0.5):
+            report.warn(
+                "boxes outside the image (clipped on load)",
+                f"annotation {aid}: [{x}, {y}, {w}, {h}] in a {width}x{height} image",
+            )
+
+    for img in images:
+        if img.get("id") not in annotated:
+            report.warn("images without annotations (used as background-only)", f"image {img.get('id')}")
+
+    if image_dir is not None and check_images:
+        root = Path(image_dir)
+        for img in images:
+            path = root / str(img.get("file_name"))
+            if not path.is_file():
+                report.error("missing image files", str(path))
+                continue
+            try:
+                size = _image_size(path)
+            except (UnidentifiedImageError, OSError) as e:
+                report.error("unreadable image files", f"{path}: {e}")
+                continue
+            expected = (img.get("width"), img.get("height"))
+            if None not in expected and size != expected:
+                report.error(
+                    "image sizes that differ from the annotation file",
+                    f"{path}: {size[0]}x{size[1]} (after EXIF orientation), file says {expected[0]}x{expected[1]}",
+                )
+    return report
+
+
+def find_annotation_files(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
+    """``(instances json, image folder)`` pairs of a COCO-layout dataset root, or of one JSON file."""
+    root = Path(root)
+    if root.is_file():
+        split = root.stem.removeprefix("instances_")
+        guess = root.parent.parent / split
+        return [(root, guess if guess.is_dir() else None)]
+    pairs = []
+    for ann in sorted((root / "annotations").glob("instances_*.json")):
+        split = ann.stem.removeprefix("instances_")
+        pairs.append((ann, root / split if (root / split).is_dir() else None))
+    return pairs

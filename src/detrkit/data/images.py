@@ -1,0 +1,73 @@
+"""Robust image loading: EXIF orientation, every common pixel mode to RGB, clear errors."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: PIL's convert("RGB") would clip everything above 255 to white.
+        array = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image)
+        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+        scaled = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
+        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # avoids PIL's warning about palette transparency
+    # RGBA/LA/PA: alpha is dropped (colour kept), as torchvision's decoders do; CMYK, YCbCr, L, 1, P.
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as an upright RGB ``PIL.Image``.
+
+    EXIF orientation is applied (phone photos), and greyscale, palette, RGBA, CMYK and 16-bit
+    images become 8-bit RGB. A missing, empty, truncated or non-image file raises
+    :class:`ImageLoadError` naming the file and the reason.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found") from None
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot access file ({e.strerror or e})") from None
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image")
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now, so truncated data fails here and not later
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image (unrecognised file format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"too many pixels ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
