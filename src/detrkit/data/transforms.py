@@ -78,9 +78,11 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
             size = int(round(max_size * short / long))
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
+    # The original can overshoot max_size by a pixel through the rounding above; cap it.
+    cap = max_size if max_size is not None else float("inf")
     if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+        return int(min(size * height / width, cap)), size
+    return size, int(min(size * width / height, cap))
 
 
 class RandomResize(v2.Transform):
