@@ -65,6 +65,70 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+_TRAIN_OPTIONS = {
+    # option: (type, help); None type = a flag
+    "data": (str, 'dataset root (COCO layout or Roboflow-style export), an instances JSON, or "synthetic"'),
+    "output_dir": (str, "run folder: checkpoints, metrics.jsonl, results"),
+    "epochs": (int, "number of epochs"),
+    "max_steps": (int, "stop after this many optimizer steps"),
+    "batch_size": (int, "images per process and step"),
+    "grad_accum": (int, "accumulate gradients over this many batches"),
+    "lr": (float, "learning rate of the transformer and heads (1e-4)"),
+    "lr_backbone": (float, "learning rate of the backbone (1e-5)"),
+    "weight_decay": (float, "AdamW weight decay (1e-4)"),
+    "lr_drop": (int, "epochs before the learning rate drops 10x"),
+    "clip_max_norm": (float, "gradient clipping (0.1); 0 disables"),
+    "amp": (str, "mixed precision: none, bf16 or fp16 (CUDA)"),
+    "ema_decay": (float, "keep an exponential moving average of the weights (e.g. 0.9997)"),
+    "eval_every": (int, "evaluate every N epochs (0: at the end only)"),
+    "num_workers": (int, "DataLoader worker processes"),
+    "seed": (int, "random seed"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "init_from": (str, "fine-tune from a checkpoint (any format load_model reads, or an official name)"),
+    "image_scale": (float, "scale all augmentation sizes (1.0 = the paper's 800/1333)"),
+    "synth_images": (int, "training images of the synthetic dataset"),
+    "freeze_backbone": (None, "do not train the backbone"),
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train_config import build_config, parse_assignment
+    from .trainer import Trainer
+
+    overrides = {}
+    for name in _TRAIN_OPTIONS:
+        value = getattr(args, name)
+        if value is not None and value is not False:
+            overrides[name] = value
+    if args.masks:
+        overrides["model.masks"] = True
+    for assignment in args.set or []:
+        key, value = parse_assignment(assignment)
+        overrides[key] = value
+    if args.resume:
+        from .train_config import TrainConfig
+
+        output_dir = overrides.get("output_dir") or build_config(args.preset, args.config).output_dir
+        trainer = Trainer(TrainConfig(output_dir=output_dir), resume=True, overrides=overrides)
+    else:
+        trainer = Trainer(build_config(args.preset, args.config, overrides))
+    trainer.fit()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate_cli import run_eval
+
+    return run_eval(args)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detrkit", description="DETR: detection transformers in PyTorch")
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
@@ -82,6 +146,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--dilation", action="store_true", help="the source is a DC5 model whose file does not say so"
     )
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train or fine-tune a DETR (torchrun for several processes)")
+    p.add_argument("--config", help="YAML/TOML/JSON file of training options")
+    p.add_argument("--preset", help="detr-r50, detr-r101, detr-r50-dc5, detr-r101-dc5, cpu-tiny")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir; given options override"
+    )
+    p.add_argument("--masks", action="store_true", help="train the mask head too (instance segmentation)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any option, e.g. model.num_queries=50"
+    )
+    for name, (kind, text) in _TRAIN_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is None:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=text)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="COCO AP of a checkpoint on a COCO-format dataset")
+    p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
+    p.add_argument("--data", required=True, help='dataset root, an instances JSON, or "synthetic"')
+    p.add_argument("--split", default="val2017")
+    p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--image-scale", type=float, default=None, help="default: what the model was trained with")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a run's loss and AP curves to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (COCO instances + panoptic)")
     p.add_argument("--out", required=True, help="dataset root to create")
@@ -109,10 +207,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoints import CheckpointError
     from .data.coco import DatasetError
     from .data.images import ImageLoadError
+    from .engine import TrainingError
+    from .errors import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, DatasetError, ImageLoadError, FileNotFoundError, ValueError) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        DatasetError,
+        ImageLoadError,
+        FileNotFoundError,
+        TrainingError,
+    ) as e:
         print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
 
@@ -72,8 +74,8 @@ class DetrConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for any inconsistent value."""
 
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"DetrConfig.{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"DetrConfig.{name}={getattr(self, name)!r}: {why}")
 
         if self.backbone not in BACKBONES:
             raise bad("backbone", f"expected one of {', '.join(BACKBONES)}")
@@ -117,7 +119,7 @@ class DetrConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown DetrConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown DetrConfig field(s): {', '.join(unknown)}")
         return cls(**data)
 
     @classmethod

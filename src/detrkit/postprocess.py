@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
@@ -37,3 +38,39 @@ class PostProcess(nn.Module):
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
         xyxy = xyxy * scale[:, None, :]
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, xyxy)]
+
+
+class PostProcessSegm(nn.Module):
+    """Instance masks for the detections: mask logits upsampled to the padded input, thresholded,
+    cropped to each image's own size, then resized to its original size."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def forward(
+        self,
+        results: list[dict[str, Tensor]],
+        outputs: dict[str, Tensor],
+        image_sizes: Tensor,
+        orig_sizes: Tensor,
+    ) -> list[dict[str, Tensor]]:
+        """
+        Args:
+            results: the detection results of :class:`PostProcess` (updated in place and returned).
+            outputs: with ``pred_masks`` Tensor[B, Q, H/4, W/4].
+            image_sizes: Tensor[B, 2], each image's (height, width) in the model input, before padding.
+            orig_sizes: Tensor[B, 2], the (height, width) to return masks at.
+
+        Adds ``masks`` Bool Tensor[Q, H_orig, W_orig] to each result.
+        """
+        max_h, max_w = (int(v) for v in image_sizes.max(0).values)
+        masks = F.interpolate(
+            outputs["pred_masks"].float(), size=(max_h, max_w), mode="bilinear", align_corners=False
+        )
+        masks = masks.sigmoid() > self.threshold
+        for result, mask, (h, w), (oh, ow) in zip(results, masks, image_sizes.tolist(), orig_sizes.tolist()):
+            cropped = mask[:, :h, :w].unsqueeze(1).float()
+            result["masks"] = F.interpolate(cropped, size=(oh, ow), mode="nearest")[:, 0].bool()
+        return results

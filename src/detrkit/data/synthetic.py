@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import ConfigError
 from ..fileio import atomic_write, write_json_atomic
 
 THINGS = {1: "rectangle", 2: "ellipse", 4: "triangle", 7: "diamond"}
@@ -43,11 +44,11 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.images < 1:
-            raise ValueError(f"images={self.images}: must be at least 1")
+            raise ConfigError(f"images={self.images}: must be at least 1")
         if not 32 <= self.min_size <= self.max_size:
-            raise ValueError(f"need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+            raise ConfigError(f"need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"image_format={self.image_format!r}: expected 'jpg' or 'png'")
+            raise ConfigError(f"image_format={self.image_format!r}: expected 'jpg' or 'png'")
 
 
 @dataclass
@@ -102,8 +103,9 @@ def generate_sample(rng: np.random.Generator, config: SynthConfig) -> SynthSampl
         if len(objects) == wanted:
             break
         category, mask = _shape_mask(rng, height, width)
+        # Each earlier shape must keep at least MIN_VISIBLE of its full area after this one.
         hides_too_much = any(
-            (owner[mask] == k).sum() > (1 - MIN_VISIBLE) * obj["full_area"]
+            (owner == k).sum() - (owner[mask] == k).sum() < MIN_VISIBLE * obj["full_area"]
             for k, obj in enumerate(objects, start=1)
         )
         if hides_too_much:

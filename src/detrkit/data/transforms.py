@@ -16,6 +16,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,11 +44,11 @@ class TransformConfig:
 
     def __post_init__(self) -> None:
         if not self.train_scales or min(self.train_scales) < 1:
-            raise ValueError(f"train_scales={self.train_scales}: need at least one positive size")
+            raise ConfigError(f"train_scales={self.train_scales}: need at least one positive size")
         if not 1 <= self.crop_min <= self.crop_max:
-            raise ValueError(f"need 1 <= crop_min <= crop_max, got {self.crop_min}, {self.crop_max}")
+            raise ConfigError(f"need 1 <= crop_min <= crop_max, got {self.crop_min}, {self.crop_max}")
         if self.max_size < max(self.train_scales + (self.eval_size,)):
-            raise ValueError(f"max_size={self.max_size} is smaller than a requested shorter side")
+            raise ConfigError(f"max_size={self.max_size} is smaller than a requested shorter side")
         object.__setattr__(self, "train_scales", tuple(self.train_scales))
         object.__setattr__(self, "crop_scales", tuple(self.crop_scales))
 

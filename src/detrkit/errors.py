@@ -1,0 +1,5 @@
+"""Exceptions with messages meant for users (the CLI prints them without a traceback)."""
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the option and the reason."""

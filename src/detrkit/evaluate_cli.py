@@ -1,0 +1,73 @@
+"""``detrkit eval``: COCO metrics of any checkpoint on a COCO-format dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from .checkpoints import load_model
+from .data.coco import CategoryMap, CocoDetection, DatasetError
+from .data.collate import collate
+from .data.transforms import TransformConfig, eval_transforms
+from .engine import evaluate
+from .evaluation import CocoEvaluator, format_metrics
+from .fileio import write_json_atomic
+from .trainer import _device, resolve_split
+
+
+def model_category_map(config, dataset_categories: list[dict]) -> CategoryMap:
+    """The label space a model predicts in, as dataset category ids."""
+    if config.category_ids is not None:
+        names = config.class_names or tuple(str(i) for i in config.category_ids)
+        return CategoryMap(tuple(config.category_ids), tuple(names))
+    ids = sorted(int(c["id"]) for c in dataset_categories)
+    if ids and max(ids) < config.num_classes:
+        # The original DETR convention (COCO's 91 ids): label = category id.
+        names = config.class_names or tuple(str(i) for i in range(config.num_classes))
+        return CategoryMap(tuple(range(config.num_classes)), tuple(names))
+    if len(ids) == config.num_classes:
+        return CategoryMap.from_categories(dataset_categories)
+    raise DatasetError(
+        f"the model predicts {config.num_classes} classes without saying which dataset ids they are, "
+        f"and the dataset has {len(ids)} categories (ids {ids[:10]}...)"
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    model = load_model(args.weights)
+    device = _device(args.device)
+    model.to(device)
+    root = Path(args.data)
+    if args.data == "synthetic":
+        from .data.synthetic import SynthConfig, write_synthetic
+
+        root = Path(args.out or "runs/eval") / "synthetic-data"
+        if not (root / "annotations" / f"instances_{args.split}.json").exists():
+            write_synthetic(root, SynthConfig(images=64), {args.split.removesuffix("2017"): 16})
+    ann, images = resolve_split(root, args.split)
+    import json
+
+    categories = json.loads(ann.read_text()).get("categories", [])
+    cmap = model_category_map(model.config, categories)
+    scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
+    dataset = CocoDetection(
+        images,
+        ann,
+        eval_transforms(TransformConfig.scaled(scale)),
+        category_map=cmap,
+        masks=model.config.masks,
+    )
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
+    evaluator = CocoEvaluator(dataset.data, cmap, iou_types)
+    metrics = evaluate(model, loader, evaluator, device)
+    print(f"{args.weights} on {ann} ({len(dataset)} images):")
+    print(format_metrics(metrics))
+    if args.out:
+        out = Path(args.out)
+        evaluator.write_results(out / "results.json")
+        write_json_atomic(out / "metrics.json", metrics)
+        print(f"wrote {out / 'results.json'} and {out / 'metrics.json'}")
+    return 0

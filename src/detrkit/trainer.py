@@ -1,0 +1,420 @@
+"""A training run: data, model, optimizer, checkpoints, resume, evaluation, logging, distribution.
+
+Launch with ``detrkit train ...`` on one process, or ``torchrun --nproc_per_node=N -m detrkit train
+...`` for DDP (gloo on CPU, NCCL on GPU). Rank 0 logs and writes checkpoints; every rank evaluates
+its shard and the results are gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+
+from .checkpoints import load_model, torch_load_safe
+from .config import DetrConfig
+from .criterion import build_criterion
+from .data.coco import CocoDetection, DatasetError
+from .data.collate import AspectRatioBatchSampler, SkipTracker, collate
+from .data.synthetic import SynthConfig, write_synthetic
+from .data.transforms import TransformConfig, eval_transforms, train_transforms
+from .distributed import is_dist, is_main_process, rank, world_size
+from .engine import TrainState, evaluate, train_one_epoch
+from .errors import ConfigError
+from .evaluation import CocoEvaluator, format_metrics
+from .fileio import atomic_write, write_json_atomic
+from .model import Detr
+from .train_config import TrainConfig
+
+LAST = "checkpoint_last.pth"
+BEST = "checkpoint_best.pth"
+METRICS = "metrics.jsonl"
+BEST_METRIC = "bbox/AP"
+
+
+class ShardSampler(Sampler[int]):
+    """Every process takes every ``world_size``-th index, without padding (so no image is
+    evaluated twice, unlike ``DistributedSampler``)."""
+
+    def __init__(self, length: int) -> None:
+        self.indices = list(range(rank(), length, world_size()))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
+    """(instances JSON, image folder) of ``split`` in a COCO layout (``annotations/instances_{split}.json``
+    + ``{split}/``) or a Roboflow-style export (``{split}/_annotations.coco.json``)."""
+    if root.is_file() and root.suffix == ".json":
+        return root, root.parent
+    candidates = [
+        (root / "annotations" / f"instances_{split}.json", root / split),
+        (root / split / "_annotations.coco.json", root / split),
+        (root / split / "annotations.json", root / split / "images"),
+    ]
+    for ann, images in candidates:
+        if ann.is_file():
+            return ann, images
+    tried = ", ".join(str(a) for a, _ in candidates)
+    raise DatasetError(f"{root}: no annotations for split {split!r} (looked for {tried})")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup_distributed(device_pref: str) -> None:
+    if is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+
+
+def _device(pref: str) -> torch.device:
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(pref)
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs it (``fit()``).
+
+    Args:
+        config: the run's configuration.
+        resume: continue ``config.output_dir``'s last checkpoint; ``overrides`` (explicit options)
+            are applied on top of the saved config and reported.
+        log: where messages go (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overrides: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.log = log if is_main_process() else (lambda msg: None)
+        self.out = Path(config.output_dir)
+        saved = None
+        if resume:
+            path = self.out / LAST
+            if not path.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            saved = torch_load_safe(path)
+            config = self._resumed_config(saved, overrides or {})
+        self.config = config
+        _setup_distributed(config.device)
+        self.device = _device(config.device)
+        self.state = TrainState()
+
+        self.train_set, self.val_set = self._datasets()
+        _seed_everything(config.seed)  # the initial weights depend on the seed only
+        self.model = self._build_model(saved).to(self.device)
+        self.criterion = build_criterion(self.model.config).to(self.device)
+        self.module: nn.Module = self.model
+        if is_dist():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_drop)
+        self.scaler = None
+        if config.amp == "fp16":
+            if self.device.type != "cuda":
+                raise ConfigError("amp='fp16' needs a CUDA device; use amp='bf16' on CPU")
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.ema = None
+        if config.ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+            )
+        if saved is not None:
+            self._restore(saved, overrides or {})
+
+    # --- construction -----------------------------------------------------------------------------
+    def _resumed_config(self, saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+        base = saved["train_config"]
+        for key, value in overrides.items():
+            old = base.get(key) if not key.startswith("model.") else base["model"].get(key[6:])
+            if old != value:
+                self.log(f"resume: {key} {old!r} -> {value!r} (from the command line)")
+        from .train_config import merge, nest
+
+        return TrainConfig.from_dict(merge(base, nest(overrides)))
+
+    def _datasets(self) -> tuple[CocoDetection, CocoDetection]:
+        cfg = self.config
+        if cfg.data == "synthetic":
+            root = self.out / "synthetic-data"
+            if is_main_process() and not (root / "annotations" / f"instances_{cfg.val_split}.json").exists():
+                self.log(f"writing the synthetic dataset ({cfg.synth_images} training images) to {root}")
+                splits = {
+                    cfg.train_split.removesuffix("2017"): cfg.synth_images,
+                    cfg.val_split.removesuffix("2017"): max(8, cfg.synth_images // 4),
+                }
+                write_synthetic(root, SynthConfig(images=cfg.synth_images, seed=cfg.seed), splits)
+            if is_dist():
+                dist.barrier()
+        else:
+            root = Path(cfg.data)
+        masks = bool(cfg.model.get("masks", False))
+        sizes = TransformConfig.scaled(cfg.image_scale)
+        train_ann, train_dir = resolve_split(root, cfg.train_split)
+        val_ann, val_dir = resolve_split(root, cfg.val_split)
+        augmentation = train_transforms(sizes) if cfg.augment else eval_transforms(sizes)
+        train = CocoDetection(train_dir, train_ann, augmentation, masks=masks)
+        # COCO AP reads the whole annotation file (crowd regions included); targets drop crowds.
+        val = CocoDetection(
+            val_dir, val_ann, eval_transforms(sizes), masks=masks, category_map=train.category_map
+        )
+        self.log(
+            f"data: {len(train)} training images ({train_ann}), {len(val)} validation images ({val_ann}), "
+            f"{train.category_map.num_classes} classes"
+        )
+        return train, val
+
+    def _build_model(self, saved: dict[str, Any] | None) -> Detr:
+        cfg = self.config
+        cmap = self.train_set.category_map
+        labels = {
+            "num_classes": cmap.num_classes,
+            "class_names": cmap.names,
+            "category_ids": cmap.category_ids,
+        }
+        if saved is not None:
+            config = DetrConfig.from_dict(saved["detrkit_config"])
+            return Detr(config)
+        source = None
+        fields = dict(cfg.model)
+        if cfg.init_from:
+            source = load_model(cfg.init_from)
+            base = source.config.to_dict()
+            for key in ("class_names", "category_ids", "num_classes", "extra"):
+                base.pop(key)
+            fields = {**base, **fields}
+        if cfg.freeze_backbone:
+            fields["train_backbone"] = False
+        # Evaluation and inference resize images as in training: keep the scale with the model.
+        fields["extra"] = {**fields.get("extra", {}), "image_scale": cfg.image_scale}
+        model = Detr(DetrConfig(**{**fields, **labels}))
+        if source is not None:
+            self._init_from(model, source)
+        return model
+
+    def _init_from(self, model: Detr, source: Detr) -> None:
+        own = model.state_dict()
+        loadable, reinit = {}, set()
+        for key, value in source.state_dict().items():
+            if key in own and own[key].shape == value.shape:
+                loadable[key] = value
+            elif key in own:
+                reinit.add(key.rsplit(".", 1)[0])
+        missing, _ = model.load_state_dict(loadable, strict=False)
+        if any(k.startswith("class_embed") for k in reinit):
+            self.log(
+                f"init: class head re-initialised: the checkpoint has {source.config.num_classes} classes, "
+                f"this dataset {model.config.num_classes}"
+            )
+        if any(k.startswith("query_embed") for k in reinit):
+            self.log(
+                f"init: object queries re-initialised: {source.config.num_queries} -> {model.config.num_queries}"
+            )
+        fresh = sorted({k.split(".")[0] for k in missing if not k.startswith(("class_embed", "query_embed"))})
+        if fresh:
+            self.log(f"init: randomly initialised (not in the checkpoint): {', '.join(fresh)}")
+        self.log(f"init: {len(loadable)} tensors loaded from {self.config.init_from}")
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        backbone = [
+            p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad
+        ]
+        rest = [
+            p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad
+        ]
+        groups = [{"params": rest, "lr": cfg.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.lr_backbone})
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _loaders(self, epoch: int) -> tuple[DataLoader, DataLoader]:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        if is_dist():
+            sampler = DistributedSampler(self.train_set, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(self.train_set, generator=generator)
+        batches = AspectRatioBatchSampler(sampler, self.train_set.aspect_ratios(), cfg.batch_size)
+        train = DataLoader(
+            self.train_set,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+            generator=generator,
+        )
+        val = DataLoader(
+            self.val_set,
+            batch_size=cfg.batch_size,
+            sampler=ShardSampler(len(self.val_set)),
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+        )
+        return train, val
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "detrkit_config": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "state": dataclasses.asdict(self.state),
+            "epoch": self.state.epoch,
+        }
+
+    def _save(self, name: str) -> None:
+        if not is_main_process():
+            return
+        payload = self._checkpoint()
+        atomic_write(self.out / name, lambda tmp: torch.save(payload, tmp))
+
+    def _restore(self, saved: dict[str, Any], overrides: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["lr_scheduler"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None and saved.get("ema"):
+            self.ema.load_state_dict(saved["ema"])
+        self.state = TrainState(**saved["state"])
+        # The optimizer's saved state carries the old learning rates: apply explicit new ones.
+        cfg = self.config
+        decay = cfg.lr_drop and 0.1 ** (self.state.epoch // cfg.lr_drop)
+        base = [cfg.lr, cfg.lr_backbone][: len(self.optimizer.param_groups)]
+        if "lr" in overrides or "lr_backbone" in overrides or "lr_drop" in overrides:
+            self.scheduler.base_lrs = base
+            self.scheduler.step_size = cfg.lr_drop
+            for group, lr in zip(self.optimizer.param_groups, base, strict=True):
+                group["lr"] = lr * decay
+                group["initial_lr"] = lr
+        if "weight_decay" in overrides:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = cfg.weight_decay
+        self.log(f"resumed from {self.out / LAST} after epoch {self.state.epoch} (step {self.state.step})")
+
+    # --- the run ------------------------------------------------------------------------------------
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        if not is_main_process():
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, float]:
+        _, val_loader = self._loaders(self.state.epoch)
+        iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
+        evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
+        model = self.ema.module if self.ema is not None else self.model
+        return evaluate(
+            model, val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
+        )
+
+    def fit(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        cfg = self.config
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "train_config.json", cfg.to_dict())
+        self.log(
+            f"model: {self.model.config.backbone}, {self.model.config.enc_layers}+{self.model.config.dec_layers} "
+            f"layers, {self.model.config.num_queries} queries, "
+            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters; device {self.device}, "
+            f"{world_size()} process(es)"
+        )
+        skips = SkipTracker(warn=self.log)
+        metrics: dict[str, float] = {}
+        while self.state.epoch < cfg.epochs and (cfg.max_steps is None or self.state.step < cfg.max_steps):
+            epoch = self.state.epoch
+            # Seeding from (seed, epoch) makes an epoch replay identically after a resume.
+            _seed_everything(cfg.seed + epoch * 1000 + rank())
+            train_loader, _ = self._loaders(epoch)
+            start = time.time()
+            bar = tqdm(
+                total=len(train_loader),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=True if not is_main_process() else None,
+                dynamic_ncols=True,
+                leave=True,
+            )
+
+            def progress(values: dict[str, float], bar=bar) -> None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.1e}", ips=f"{values['img/s']:.1f}"
+                )
+
+            train_stats = train_one_epoch(
+                self.module, self.criterion, train_loader, self.optimizer, self.device, self.state,
+                clip_max_norm=cfg.clip_max_norm, grad_accum=cfg.grad_accum, amp=cfg.amp, scaler=self.scaler,
+                ema=self.ema, max_steps=cfg.max_steps, max_bad_steps=cfg.max_bad_steps, skips=skips, progress=progress,
+            )  # fmt: skip
+            bar.close()
+            self.scheduler.step()
+            self.state.epoch += 1
+            summary = skips.end_epoch()
+            if summary:
+                self.log(summary)
+            finished = self.state.epoch >= cfg.epochs or (
+                cfg.max_steps is not None and self.state.step >= cfg.max_steps
+            )
+            record: dict[str, Any] = {
+                "epoch": self.state.epoch,
+                "step": self.state.step,
+                "time": time.time() - start,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train": {k: round(v, 6) for k, v in train_stats.items()},
+            }
+            if finished or (cfg.eval_every and self.state.epoch % cfg.eval_every == 0):
+                metrics = self.evaluate()
+                record["val"] = metrics
+                self.log(
+                    f"epoch {self.state.epoch}: loss {train_stats.get('loss', float('nan')):.4f}, "
+                    f"val loss {metrics.get('val/loss', float('nan')):.4f}, box AP {100 * metrics[BEST_METRIC]:.1f}"
+                )
+                if metrics[BEST_METRIC] > self.state.best_metric:
+                    self.state.best_metric = metrics[BEST_METRIC]
+                    self._save(BEST)
+            self._log_metrics(record)
+            self._save(LAST)
+        if metrics and is_main_process():
+            self.log(format_metrics(metrics))
+            write_json_atomic(self.out / "final_metrics.json", metrics)
+        return metrics

@@ -1,0 +1,247 @@
+"""Training runs end to end on tiny synthetic data: checkpoints, exact resume, overrides,
+non-finite losses, fine-tuning, evaluation, plotting."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import detrkit
+import detrkit.cli
+from detrkit.checkpoints import torch_load_safe
+from detrkit.data import SynthConfig, write_synthetic
+from detrkit.engine import TrainingError
+from detrkit.train_config import TrainConfig, build_config
+from detrkit.trainer import BEST, LAST, METRICS, Trainer
+
+TINY_MODEL = dict(
+    backbone="resnet18",
+    d_model=32,
+    nheads=4,
+    enc_layers=1,
+    dec_layers=2,
+    dim_feedforward=64,
+    num_queries=6,
+    dropout=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinydata")
+    return write_synthetic(
+        root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
+    )
+
+
+def tiny(tmp_path, data_root, **kw):
+    base = dict(
+        data=str(data_root),
+        output_dir=str(tmp_path / "run"),
+        model=TINY_MODEL,
+        image_scale=0.12,
+        epochs=2,
+        batch_size=4,
+        num_workers=0,
+        eval_every=1,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_run_writes_everything(tmp_path, data_root):
+    messages = []
+    metrics = Trainer(tiny(tmp_path, data_root), log=messages.append).fit()
+    run = tmp_path / "run"
+    for name in (LAST, BEST, METRICS, "final_metrics.json", "train_config.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all("val" in r for r in records)
+    assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= set(records[0]["train"])
+    assert 0.0 <= metrics["bbox/AP"] <= 1.0 and "val/loss" in metrics
+    model = detrkit.load_model(run / BEST)
+    assert model.config.class_names == ("rectangle", "ellipse", "triangle", "diamond")
+    assert model.config.category_ids == (1, 2, 4, 7)
+    assert model.config.extra["image_scale"] == 0.12
+    assert any("AP" in m for m in messages)
+
+
+def _final_weights(run_dir):
+    return torch_load_safe(run_dir / LAST)["model"]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_root):
+    epochs = 4
+    Trainer(tiny(tmp_path / "a", data_root, epochs=epochs, output_dir=str(tmp_path / "a"))).fit()
+
+    out = tmp_path / "b"
+    cmd = [
+        sys.executable,
+        "-m",
+        "detrkit",
+        "train",
+        "--data",
+        str(data_root),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "1",
+        "--seed",
+        "0",
+        "--image-scale",
+        "0.12",
+        *sum((["--set", f"model.{k}={json.dumps(v)}"] for k, v in TINY_MODEL.items()), []),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / LAST).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = torch_load_safe(out / LAST)["epoch"]
+    assert interrupted_at < epochs, "the run finished before it could be interrupted"
+
+    assert detrkit.cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
+    a, b = _final_weights(tmp_path / "a"), _final_weights(out)
+    assert torch_load_safe(out / LAST)["epoch"] == epochs
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_resume_applies_and_reports_explicit_overrides(tmp_path, data_root, capsys):
+    Trainer(tiny(tmp_path, data_root, epochs=1)).fit()
+    messages = []
+    trainer = Trainer(
+        TrainConfig(output_dir=str(tmp_path / "run")),
+        resume=True,
+        overrides={"lr": 5e-5, "epochs": 2},
+        log=messages.append,
+    )
+    assert trainer.config.lr == 5e-5 and trainer.config.epochs == 2 and trainer.config.batch_size == 4
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-5)
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(1e-5)  # backbone lr unchanged
+    assert any("lr 0.0001 -> 5e-05" in m for m in messages)
+    trainer.fit()
+    assert trainer.state.epoch == 2
+
+
+def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, data_root, monkeypatch):
+    Trainer(tiny(tmp_path, data_root, epochs=1)).fit()
+    before = (tmp_path / "run" / LAST).read_bytes()
+
+    import detrkit.trainer as trainer_module
+
+    real = trainer_module.build_criterion
+
+    def poisoned(config):
+        criterion = real(config)
+        forward = criterion.forward
+
+        def nan_forward(outputs, targets):
+            losses = forward(outputs, targets)
+            losses["loss_ce"] = losses["loss_ce"] * float("nan")
+            return losses
+
+        criterion.forward = nan_forward
+        return criterion
+
+    monkeypatch.setattr(trainer_module, "build_criterion", poisoned)
+    trainer = Trainer(
+        TrainConfig(output_dir=str(tmp_path / "run")),
+        resume=True,
+        overrides={"epochs": 3, "max_bad_steps": 2},
+        log=lambda m: None,
+    )
+    with (
+        pytest.warns(UserWarning, match=r"non-finite loss .* image ids \[\d+"),
+        pytest.raises(TrainingError, match="2 consecutive non-finite losses"),
+    ):
+        trainer.fit()
+    assert (tmp_path / "run" / LAST).read_bytes() == before, "the last good checkpoint was touched"
+
+
+def test_fine_tune_with_other_classes_and_queries(tmp_path, data_root):
+    source = detrkit.build_model(detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 91, "num_queries": 9}))
+    detrkit.save_model(source, tmp_path / "coco.safetensors")
+    messages = []
+    trainer = Trainer(
+        tiny(
+            tmp_path,
+            data_root,
+            init_from=str(tmp_path / "coco.safetensors"),
+            epochs=1,
+            model={"num_queries": 5},
+        ),
+        log=messages.append,
+    )
+    assert trainer.model.config.num_classes == 4 and trainer.model.config.num_queries == 5
+    assert any("class head re-initialised" in m and "91" in m for m in messages)
+    assert any("object queries re-initialised: 9 -> 5" in m for m in messages)
+    assert torch.equal(trainer.model.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
+
+
+def test_freeze_backbone_and_mask_training(tmp_path, data_root):
+    cfg = tiny(
+        tmp_path, data_root, epochs=1, freeze_backbone=True, model={**TINY_MODEL, "nheads": 8, "masks": True}
+    )
+    trainer = Trainer(cfg, log=lambda m: None)
+    assert len(trainer.optimizer.param_groups) == 1
+    metrics = trainer.fit()
+    assert "segm/AP" in metrics and "bbox/AP" in metrics
+
+
+def test_eval_cli_writes_results_with_dataset_ids(tmp_path, data_root, capsys):
+    Trainer(tiny(tmp_path, data_root, epochs=1), log=lambda m: None).fit()
+    out = tmp_path / "eval"
+    code = detrkit.cli.main(
+        [
+            "eval",
+            "--weights",
+            str(tmp_path / "run" / LAST),
+            "--data",
+            str(data_root),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+        ]
+    )
+    assert code == 0
+    assert "bbox" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 2, 4, 7}
+    assert {r["image_id"] for r in results} == {1, 2, 3, 4}
+    assert json.loads((out / "metrics.json").read_text())["bbox/AP"] >= 0
+
+
+def test_plot(tmp_path, data_root):
+    Trainer(tiny(tmp_path, data_root, epochs=2), log=lambda m: None).fit()
+    assert detrkit.cli.main(["plot", str(tmp_path / "run")]) == 0
+    png = tmp_path / "run" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_files_presets_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 7\nmodel:\n  num_queries: 30\n")
+    (tmp_path / "c.toml").write_text("epochs = 7\n[model]\nnum_queries = 30\n")
+    for name in ("c.yaml", "c.toml"):
+        cfg = build_config("cpu-tiny", tmp_path / name, {"lr": 3e-4, "model.dec_layers": 3})
+        assert (cfg.epochs, cfg.lr, cfg.model["num_queries"], cfg.model["dec_layers"]) == (7, 3e-4, 30, 3)
+        assert cfg.model["backbone"] == "resnet18"  # from the preset
+    with pytest.raises(ValueError, match="unknown training option"):
+        build_config(overrides={"epoch": 3})
+    with pytest.raises(ValueError, match="unknown DetrConfig field"):
+        build_config(overrides={"model.num_query": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_config("detr-r18")
