@@ -1,0 +1,98 @@
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from detrkit.data import CategoryMap, SynthConfig, make_synthetic
+from detrkit.evaluation import STAT_NAMES, CocoEvaluator, detections_to_coco, format_metrics
+
+
+@pytest.fixture(scope="module")
+def gt():
+    return make_synthetic(SynthConfig(images=10, seed=11))["instances"]
+
+
+def noisy_detections(gt, seed=0):
+    """Ground-truth boxes jittered, some labels wrong, plus false positives: a realistic mix."""
+    rng = np.random.default_rng(seed)
+    cmap = CategoryMap.from_categories(gt["categories"])
+    label_of = cmap.label_of()
+    ids, dets = [], []
+    for img in gt["images"]:
+        anns = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+        boxes, labels, scores = [], [], []
+        for a in anns:
+            x, y, w, h = a["bbox"]
+            j = rng.normal(0, 0.08, 4) * [w, h, w, h]
+            boxes.append([x + j[0], y + j[1], x + w + j[2], y + h + j[3]])
+            labels.append(label_of[a["category_id"]] if rng.random() > 0.2 else int(rng.integers(0, 4)))
+            scores.append(float(rng.uniform(0.3, 1.0)))
+        for _ in range(3):
+            x, y = rng.uniform(0, img["width"] - 20), rng.uniform(0, img["height"] - 20)
+            boxes.append([x, y, x + 20, y + 20])
+            labels.append(int(rng.integers(0, 4)))
+            scores.append(float(rng.uniform(0, 0.5)))
+        ids.append(img["id"])
+        dets.append(
+            {
+                "boxes": torch.tensor(boxes).reshape(-1, 4),
+                "labels": torch.tensor(labels),
+                "scores": torch.tensor(scores),
+            }
+        )
+    return cmap, ids, dets
+
+
+def test_same_numbers_as_pycocotools(gt):
+    cmap, ids, dets = noisy_detections(gt)
+    evaluator = CocoEvaluator(gt, cmap)
+    evaluator.update(ids, dets)
+    ours = evaluator.summarize()
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(detections_to_coco(ids, dets, cmap))
+        reference = COCOeval(coco_gt, coco_dt, "bbox")
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    assert 0.2 < ours["bbox/AP"] < 0.95
+    for name, value in zip(STAT_NAMES, reference.stats):
+        assert ours[f"bbox/{name}"] == pytest.approx(value, abs=1e-4), name
+
+
+def test_results_use_dataset_category_ids(gt):
+    cmap, ids, dets = noisy_detections(gt)
+    results = detections_to_coco(ids, dets, cmap)
+    assert {r["category_id"] for r in results} <= {1, 2, 4, 7}
+    first = results[0]
+    box = dets[0]["boxes"][0].tolist()
+    assert first["bbox"] == pytest.approx([box[0], box[1], box[2] - box[0], box[3] - box[1]], abs=1e-4)
+
+
+def test_no_detections_at_all(gt):
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+    evaluator.update([1, 2], [empty, empty])
+    metrics = evaluator.summarize()
+    assert metrics["bbox/AP"] == 0.0
+    assert "bbox" in format_metrics(metrics)
+
+
+def test_an_image_without_detections_among_others(gt):
+    cmap, ids, dets = noisy_detections(gt)
+    dets[0] = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "scores": torch.zeros(0),
+    }
+    evaluator = CocoEvaluator(gt, cmap)
+    evaluator.update(ids, dets)
+    assert 0 < evaluator.summarize()["bbox/AP"] < 1
