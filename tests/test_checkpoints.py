@@ -220,3 +220,14 @@ def test_official_registry_matches_published_names():
         assert entry.filename.startswith(name + "-") and entry.filename.endswith(f"{entry.sha256_prefix}.pth")
         assert entry.url.startswith("https://dl.fbaipublicfiles.com/detr/")
         assert entry.config.get("dilation", False) == ("dc5" in name)
+
+
+def test_trainable_batchnorm_models_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = detrkit.build_model(tiny_config(frozen_bn=False)).train()
+    model(torch.randn(2, 3, 64, 64))  # updates the running statistics
+    model.eval()
+    for fmt, name in (("detrkit", "m.safetensors"), ("original", "m.pth")):
+        loaded = load_model(save_model(model, tmp_path / name, fmt))
+        assert not loaded.config.frozen_bn
+        assert_same_outputs(model, loaded)

@@ -245,3 +245,14 @@ def test_config_files_presets_and_overrides(tmp_path):
         build_config(overrides={"model.num_query": 3})
     with pytest.raises(ValueError, match="unknown preset"):
         build_config("detr-r18")
+
+
+def test_bf16_autocast_ema_and_gradient_accumulation(tmp_path, data_root):
+    cfg = tiny(tmp_path, data_root, epochs=1, amp="bf16", ema_decay=0.9, grad_accum=2, batch_size=2)
+    trainer = Trainer(cfg, log=lambda m: None)
+    metrics = trainer.fit()
+    assert trainer.state.step == 2  # 8 images / batch 2 = 4 batches, 2 per optimizer step
+    assert trainer.ema is not None and int(trainer.ema.n_averaged) == 2
+    assert "bbox/AP" in metrics
+    saved = torch_load_safe(tmp_path / "run" / LAST)
+    assert saved["ema"] is not None

@@ -30,6 +30,8 @@ class Backbone(nn.Module):
         return_interm_layers: return layers 1-4 (for the mask head) instead of layer 4 only.
         dilation: replace the stride of the last stage by dilation (DC5 models, stride 16).
         pretrained: load torchvision's ImageNet weights (downloads them if not cached).
+        frozen_bn: BatchNorm with fixed statistics, as DETR (right for a pretrained backbone);
+            False trains ordinary BatchNorm, which a backbone trained from scratch needs.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class Backbone(nn.Module):
         return_interm_layers: bool = False,
         dilation: bool = False,
         pretrained: bool = False,
+        frozen_bn: bool = True,
     ) -> None:
         super().__init__()
         weights = None
@@ -49,7 +52,7 @@ class Backbone(nn.Module):
         resnet = getattr(torchvision.models, name)(
             weights=weights,
             replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
         )
         for pname, parameter in resnet.named_parameters():
             if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):

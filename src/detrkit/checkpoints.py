@@ -215,6 +215,8 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{source}: {e}") from None
     model = Detr(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Trainable BatchNorm (frozen_bn=False) counts its updates; the count is not a weight.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not match the inferred architecture ({config.backbone}, "

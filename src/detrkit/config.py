@@ -19,6 +19,15 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
 
 
+def construct(cls, data: dict[str, Any], what: str):
+    """``cls(**data)`` with a clear error for keys that are not fields of the dataclass."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what}(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class DetrConfig:
     """Architecture and loss configuration of DETR.
@@ -33,6 +42,7 @@ class DetrConfig:
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding it
     train_backbone: bool = True  # layers 2-4 trainable (conv1 and layer1 are always frozen)
     pretrained_backbone: bool = False  # ImageNet weights from torchvision; downloads, so opt-in only
+    frozen_bn: bool = True  # DETR's frozen BatchNorm; False for a backbone trained from scratch
     # --- transformer ----------------------------------------------------------------------------
     position_embedding: str = "sine"  # "sine" (normalised, temperature 10000) or "learned"
     d_model: int = 256
@@ -116,11 +126,7 @@ class DetrConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetrConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown DetrConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return construct(cls, data, "DetrConfig field")
 
     @classmethod
     def from_json(cls, text: str) -> DetrConfig:

@@ -45,6 +45,7 @@ class Detr(nn.Module):
             return_interm_layers=config.masks,
             dilation=config.dilation,
             pretrained=config.pretrained_backbone,
+            frozen_bn=config.frozen_bn,
         )
         self.position_embedding = build_position_encoding(config.position_embedding, config.d_model)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DetrConfig
+from .config import DetrConfig, construct
 from .errors import ConfigError
 
 
@@ -70,11 +70,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**data)
+        return construct(cls, data, "training option")
 
 
 # The paper's configurations, and small ones that train on a CPU in minutes.

@@ -402,16 +402,15 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train": {k: round(v, 6) for k, v in train_stats.items()},
             }
+            line = f"epoch {self.state.epoch}/{cfg.epochs}: loss {train_stats.get('loss', float('nan')):.4f}"
             if finished or (cfg.eval_every and self.state.epoch % cfg.eval_every == 0):
                 metrics = self.evaluate()
                 record["val"] = metrics
-                self.log(
-                    f"epoch {self.state.epoch}: loss {train_stats.get('loss', float('nan')):.4f}, "
-                    f"val loss {metrics.get('val/loss', float('nan')):.4f}, box AP {100 * metrics[BEST_METRIC]:.1f}"
-                )
+                line += f", val loss {metrics.get('val/loss', float('nan')):.4f}, box AP {100 * metrics[BEST_METRIC]:.1f}"
                 if metrics[BEST_METRIC] > self.state.best_metric:
                     self.state.best_metric = metrics[BEST_METRIC]
                     self._save(BEST)
+            self.log(f"{line} ({time.time() - start:.0f}s)")
             self._log_metrics(record)
             self._save(LAST)
         if metrics and is_main_process():

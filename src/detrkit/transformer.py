@@ -87,23 +87,32 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
-class TransformerEncoderLayer(nn.Module):
+class _Layer(nn.Module):
+    """What encoder and decoder layers share: self-attention, the ReLU FFN, norms and dropouts
+    (``norm1..n``/``dropout1..n``, the original's parameter names)."""
+
     def __init__(
-        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool, num_norms: int
     ) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        for i in range(1, num_norms + 1):
+            setattr(self, f"norm{i}", nn.LayerNorm(d_model))
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
         self.pre_norm = pre_norm
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class TransformerEncoderLayer(_Layer):
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
+    ) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms=2)
 
     def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
         """src, pos: Tensor[B, S, E]; key_padding_mask: Bool Tensor[B, S] or None."""
@@ -117,26 +126,12 @@ class TransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_Layer):
     def __init__(
         self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, pre_norm: bool
     ) -> None:
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        super().__init__(d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms=3)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
-
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(
         self,
