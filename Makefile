@@ -1,9 +1,13 @@
 # On a fresh machine:
-#   make test   - create the environment (.venv), then run the test suite
+#   make demo   - create the environment (.venv), then train and evaluate a small DETR on the
+#                 built-in synthetic dataset (a few minutes on a CPU; DEMO_EPOCHS=200 for longer)
+#   make test   - create the environment, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow lint clean
+.PHONY: setup test test-slow lint demo clean
+
+DEMO_EPOCHS ?= 40
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +21,10 @@ test-slow: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+
+demo: setup
+	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --epochs $(DEMO_EPOCHS)
+	$(PY) -m detrkit plot runs/demo
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

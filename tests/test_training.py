@@ -256,3 +256,23 @@ def test_bf16_autocast_ema_and_gradient_accumulation(tmp_path, data_root):
     assert "bbox/AP" in metrics
     saved = torch_load_safe(tmp_path / "run" / LAST)
     assert saved["ema"] is not None
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, data_root, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, data_root, epochs=1), log=lambda m: None)
+    trainer.fit()
+    path = tmp_path / "run" / LAST
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer._save(LAST)
+    assert path.read_bytes() == before
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
+    monkeypatch.undo()
+    assert detrkit.load_model(path).config.num_classes == 4

@@ -90,15 +90,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dim_feedforward": 256,
             "num_queries": 16,
             "dropout": 0.0,
+            # No ImageNet weights offline: the backbone learns from scratch, which frozen
+            # (identity) BatchNorm statistics would cripple.
+            "frozen_bn": False,
         },
         "image_scale": 0.2,
         "batch_size": 8,
         "lr": 2e-4,
-        "lr_backbone": 2e-4,  # a randomly initialised backbone must learn too
+        "lr_backbone": 2e-4,  # a randomly initialised backbone must learn as fast as the rest
         "epochs": 40,
         "lr_drop": 30,
-        "clip_max_norm": 1.0,
-        "eval_every": 5,
+        "eval_every": 10,
         "num_workers": 0,
     },
 }
