@@ -71,6 +71,7 @@ _TRAIN_OPTIONS = {
     "output_dir": (str, "run folder: checkpoints, metrics.jsonl, results"),
     "epochs": (int, "number of epochs"),
     "max_steps": (int, "stop after this many optimizer steps"),
+    "time_budget": (float, "minutes of training; the epoch that crosses it is the last"),
     "batch_size": (int, "images per process and step"),
     "grad_accum": (int, "accumulate gradients over this many batches"),
     "lr": (float, "learning rate of the transformer and heads (1e-4)"),

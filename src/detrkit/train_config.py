@@ -32,6 +32,7 @@ class TrainConfig:
     augment: bool = True  # False: train on the evaluation resize only (deterministic inputs)
     epochs: int = 300
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    time_budget: float | None = None  # minutes of training; the epoch that crosses it is the last
     batch_size: int = 2  # per process
     grad_accum: int = 1
     lr: float = 1e-4
@@ -53,7 +54,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp={self.amp!r}: expected 'none', 'bf16' or 'fp16'")
-        for name in ("epochs", "batch_size", "grad_accum", "max_bad_steps"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_bad_steps", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:

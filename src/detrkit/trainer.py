@@ -115,6 +115,7 @@ class Trainer:
         overrides: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
+        _setup_distributed((overrides or {}).get("device", config.device))
         self.log = log if is_main_process() else (lambda msg: None)
         self.out = Path(config.output_dir)
         saved = None
@@ -125,7 +126,6 @@ class Trainer:
             saved = torch_load_safe(path)
             config = self._resumed_config(saved, overrides or {})
         self.config = config
-        _setup_distributed(config.device)
         self.device = _device(config.device)
         self.state = TrainState()
 
@@ -316,7 +316,7 @@ class Trainer:
         self.state = TrainState(**saved["state"])
         # The optimizer's saved state carries the old learning rates: apply explicit new ones.
         cfg = self.config
-        decay = cfg.lr_drop and 0.1 ** (self.state.epoch // cfg.lr_drop)
+        decay = 0.1 ** (self.state.epoch // cfg.lr_drop)
         base = [cfg.lr, cfg.lr_backbone][: len(self.optimizer.param_groups)]
         if "lr" in overrides or "lr_backbone" in overrides or "lr_drop" in overrides:
             self.scheduler.base_lrs = base
@@ -361,6 +361,11 @@ class Trainer:
         )
         skips = SkipTracker(warn=self.log)
         metrics: dict[str, float] = {}
+        began = time.time()
+
+        def out_of_budget() -> bool:
+            return cfg.time_budget is not None and time.time() - began >= 60 * cfg.time_budget
+
         while self.state.epoch < cfg.epochs and (cfg.max_steps is None or self.state.step < cfg.max_steps):
             epoch = self.state.epoch
             # Seeding from (seed, epoch) makes an epoch replay identically after a resume.
@@ -389,16 +394,20 @@ class Trainer:
             bar.close()
             self.scheduler.step()
             self.state.epoch += 1
+            self.state.train_seconds += time.time() - start
             summary = skips.end_epoch()
             if summary:
                 self.log(summary)
-            finished = self.state.epoch >= cfg.epochs or (
-                cfg.max_steps is not None and self.state.step >= cfg.max_steps
+            finished = (
+                self.state.epoch >= cfg.epochs
+                or (cfg.max_steps is not None and self.state.step >= cfg.max_steps)
+                or out_of_budget()
             )
             record: dict[str, Any] = {
                 "epoch": self.state.epoch,
                 "step": self.state.step,
                 "time": time.time() - start,
+                "train_seconds": round(self.state.train_seconds, 2),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train": {k: round(v, 6) for k, v in train_stats.items()},
             }
@@ -413,6 +422,8 @@ class Trainer:
             self.log(f"{line} ({time.time() - start:.0f}s)")
             self._log_metrics(record)
             self._save(LAST)
+            if finished:
+                break
         if metrics and is_main_process():
             self.log(format_metrics(metrics))
             write_json_atomic(self.out / "final_metrics.json", metrics)
