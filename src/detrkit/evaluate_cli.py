@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -11,10 +12,11 @@ from .checkpoints import load_model
 from .data.coco import CategoryMap, CocoDetection, DatasetError
 from .data.collate import collate
 from .data.transforms import TransformConfig, eval_transforms
+from .distributed import pick_device
 from .engine import evaluate
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import write_json_atomic
-from .trainer import _device, resolve_split
+from .trainer import resolve_split
 
 
 def model_category_map(config, dataset_categories: list[dict]) -> CategoryMap:
@@ -37,7 +39,7 @@ def model_category_map(config, dataset_categories: list[dict]) -> CategoryMap:
 
 def run_eval(args: argparse.Namespace) -> int:
     model = load_model(args.weights)
-    device = _device(args.device)
+    device = pick_device(args.device)
     model.to(device)
     root = Path(args.data)
     if args.data == "synthetic":
@@ -47,8 +49,6 @@ def run_eval(args: argparse.Namespace) -> int:
         if not (root / "annotations" / f"instances_{args.split}.json").exists():
             write_synthetic(root, SynthConfig(images=64), {args.split.removesuffix("2017"): 16})
     ann, images = resolve_split(root, args.split)
-    import json
-
     categories = json.loads(ann.read_text()).get("categories", [])
     cmap = model_category_map(model.config, categories)
     scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))

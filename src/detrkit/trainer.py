@@ -29,7 +29,7 @@ from .data.coco import CocoDetection, DatasetError
 from .data.collate import AspectRatioBatchSampler, SkipTracker, collate
 from .data.synthetic import SynthConfig, write_synthetic
 from .data.transforms import TransformConfig, eval_transforms, train_transforms
-from .distributed import is_dist, is_main_process, rank, world_size
+from .distributed import is_dist, is_main_process, pick_device, rank, world_size
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
@@ -89,14 +89,6 @@ def _setup_distributed(device_pref: str) -> None:
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
 
 
-def _device(pref: str) -> torch.device:
-    if pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(pref)
-
-
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs it (``fit()``).
 
@@ -126,7 +118,7 @@ class Trainer:
             saved = torch_load_safe(path)
             config = self._resumed_config(saved, overrides or {})
         self.config = config
-        self.device = _device(config.device)
+        self.device = pick_device(config.device)
         self.state = TrainState()
 
         self.train_set, self.val_set = self._datasets()
