@@ -276,3 +276,19 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, data_root
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
     monkeypatch.undo()
     assert detrkit.load_model(path).config.num_classes == 4
+
+
+def test_unreadable_training_images_are_skipped_warned_once_and_counted(tmp_path, data_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (root / "train2017" / "000003.jpg").write_bytes(b"")  # zero bytes
+    jpeg = (root / "train2017" / "000005.jpg").read_bytes()
+    (root / "train2017" / "000005.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # truncated
+    messages = []
+    Trainer(tiny(tmp_path, root, epochs=2, eval_every=0), log=messages.append).fit()
+    warned = [m for m in messages if m.startswith("skipping ")]
+    assert len(warned) == 2 and any("000003.jpg: empty file" in m for m in warned)
+    counts = [m for m in messages if m.startswith("skipped ")]
+    assert len(counts) == 2 and all("skipped 2 sample(s) this epoch" in m for m in counts)
