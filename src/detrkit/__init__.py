@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .checkpoints import CheckpointError, config_of, convert_checkpoint, load_model, save_model
 from .config import DetrConfig
 from .criterion import SetCriterion, build_criterion
+from .detector import Detections, Detector
 from .matcher import HungarianMatcher
 from .model import Detr, build_model
 from .postprocess import PostProcess
@@ -17,6 +18,8 @@ from .postprocess import PostProcess
 __all__ = [
     "__version__",
     "CheckpointError",
+    "Detections",
+    "Detector",
     "Detr",
     "DetrConfig",
     "HungarianMatcher",

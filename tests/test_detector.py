@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+import detrkit
+from conftest import tiny_config
+from detrkit.data import SynthConfig, TransformConfig, eval_transforms, make_synthetic
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    config = tiny_config(
+        class_names=("rectangle", "ellipse", "triangle", "diamond"),
+        category_ids=(1, 2, 4, 7),
+        extra={"image_scale": 0.15},
+    )
+    return detrkit.Detector(detrkit.build_model(config), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    data = make_synthetic(SynthConfig(images=5, seed=2))
+    return list(data["images"].values())
+
+
+def _same(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    assert torch.allclose(a.boxes, b.boxes, atol=1e-3) and torch.allclose(a.scores, b.scores, atol=atol)
+    assert torch.equal(a.labels, b.labels) and a.names == b.names
+
+
+def test_every_input_type_gives_the_same_detections(detector, images, tmp_path):
+    pil = images[0]
+    pil.save(tmp_path / "a.png")
+    array = np.array(pil)
+    reference = detector.predict(pil, threshold=0.0)[0]
+    assert len(reference) == detector.model.config.num_queries
+    for variant in (
+        str(tmp_path / "a.png"),
+        tmp_path / "a.png",
+        array,
+        torch.from_numpy(array).permute(2, 0, 1),
+        torch.from_numpy(array).permute(2, 0, 1).float() / 255,
+    ):
+        _same(reference, detector.predict(variant, threshold=0.0)[0], atol=1e-4)
+
+
+def test_outputs_are_in_original_pixels_and_dataset_ids(detector, images):
+    result = detector.predict(images[1], threshold=0.0)[0]
+    w, h = images[1].size
+    assert (
+        (result.boxes[:, 0] >= -1).all()
+        and (result.boxes[:, 2] <= w + 1).all()
+        and (result.boxes[:, 3] <= h + 1).all()
+    )
+    assert set(result.labels.tolist()) <= {1, 2, 4, 7}
+    assert all(name in ("rectangle", "ellipse", "triangle", "diamond") for name in result.names)
+    assert (result.scores[:-1] >= result.scores[1:]).all()
+    assert len(detector.predict(images[1], threshold=1.0)[0]) == 0
+
+
+def test_a_batch_equals_one_image_at_a_time(detector, images):
+    batch = [images[0], images[1], images[0].copy(), images[2]]  # mixed sizes, two of one size
+    together = detector.predict(batch, threshold=0.0)
+    for image, result in zip(batch, together):
+        _same(detector.predict(image, threshold=0.0)[0], result)
+
+
+def test_preprocessing_is_the_evaluation_pipeline(detector, images):
+    image = images[3]
+    expected, _ = eval_transforms(TransformConfig.scaled(0.15))(
+        tv_tensors.Image(TF.pil_to_tensor(image)),
+        {
+            "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=image.size[::-1]),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        },
+    )
+    assert torch.equal(detector.preprocess(image), expected.as_subclass(torch.Tensor))
+
+
+def test_segmentation_models_return_masks_at_original_size(images):
+    torch.manual_seed(0)
+    detector = detrkit.Detector(
+        detrkit.build_model(tiny_config(masks=True, extra={"image_scale": 0.15})), device="cpu"
+    )
+    result = detector.predict(images[0], threshold=0.0)[0]
+    w, h = images[0].size
+    assert result.masks.shape == (len(result), h, w) and result.masks.dtype == torch.bool
+
+
+def test_bad_inputs(detector, tmp_path):
+    with pytest.raises(TypeError, match="unsupported image type"):
+        detector.predict(42)
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        detector.predict(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"Tensor\[3, H, W\]"):
+        detector.predict(torch.zeros(1, 3, 8, 8))
+    (tmp_path / "x.jpg").write_text("not an image")
+    with pytest.raises(detrkit.data.ImageLoadError, match="x.jpg: not an image"):
+        detector.predict(tmp_path / "x.jpg")
+
+
+def test_from_pretrained(tmp_path, detector):
+    detrkit.save_model(detector.model, tmp_path / "m.safetensors")
+    loaded = detrkit.Detector.from_pretrained(tmp_path / "m.safetensors", device="cpu")
+    assert loaded.class_names == detector.class_names and loaded.sizes == detector.sizes
+    assert "resnet18" in repr(loaded)
