@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import atomic_write, write_json_atomic
 from .model import Detr
-from .train_config import TrainConfig
+from .train_config import TrainConfig, merge, nest
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
@@ -153,8 +153,6 @@ class Trainer:
             old = base.get(key) if not key.startswith("model.") else base["model"].get(key[6:])
             if old != value:
                 self.log(f"resume: {key} {old!r} -> {value!r} (from the command line)")
-        from .train_config import merge, nest
-
         return TrainConfig.from_dict(merge(base, nest(overrides)))
 
     def _datasets(self) -> tuple[CocoDetection, CocoDetection]:
@@ -252,7 +250,8 @@ class Trainer:
             groups.append({"params": backbone, "lr": cfg.lr_backbone})
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def _loaders(self, epoch: int) -> tuple[DataLoader, DataLoader]:
+    def _train_loader(self, epoch: int) -> DataLoader:
+        """This epoch's shuffled, aspect-ratio-grouped batches (the order depends on seed and epoch)."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         if is_dist():
@@ -261,21 +260,23 @@ class Trainer:
         else:
             sampler = RandomSampler(self.train_set, generator=generator)
         batches = AspectRatioBatchSampler(sampler, self.train_set.aspect_ratios(), cfg.batch_size)
-        train = DataLoader(
+        return DataLoader(
             self.train_set,
             batch_sampler=batches,
             collate_fn=collate,
             num_workers=cfg.num_workers,
             generator=generator,
         )
-        val = DataLoader(
+
+    def _val_loader(self) -> DataLoader:
+        """This process's share of the validation images, each evaluated exactly once."""
+        return DataLoader(
             self.val_set,
-            batch_size=cfg.batch_size,
+            batch_size=self.config.batch_size,
             sampler=ShardSampler(len(self.val_set)),
             collate_fn=collate,
-            num_workers=cfg.num_workers,
+            num_workers=self.config.num_workers,
         )
-        return train, val
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
@@ -330,7 +331,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> dict[str, float]:
-        _, val_loader = self._loaders(self.state.epoch)
+        val_loader = self._val_loader()
         iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
         evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
         model = self.ema.module if self.ema is not None else self.model
@@ -362,7 +363,7 @@ class Trainer:
             epoch = self.state.epoch
             # Seeding from (seed, epoch) makes an epoch replay identically after a resume.
             _seed_everything(cfg.seed + epoch * 1000 + rank())
-            train_loader, _ = self._loaders(epoch)
+            train_loader = self._train_loader(epoch)
             start = time.time()
             bar = tqdm(
                 total=len(train_loader),
