@@ -127,6 +127,24 @@ class _CocoBase(Dataset):
         self.on_error = on_error
         self.in_memory = images
 
+    def _read_annotations(
+        self, annotations: str | os.PathLike | Mapping[str, Any], category_map: CategoryMap | None
+    ) -> None:
+        """Load the JSON and set ``data``, ``source``, ``category_map``, ``label_of``, ``images``."""
+        self.data, self.source = _load_json(annotations)
+        _require(self.data, self.source, "images", "annotations", "categories")
+        self.category_map = category_map or CategoryMap.from_categories(self.data["categories"])
+        self.label_of = self.category_map.label_of()  # built once, read for every sample
+        self.images = {int(img["id"]): img for img in self.data["images"]}
+
+    def _check_category_ids(self, used: set[Any]) -> None:
+        unknown = sorted(used - set(self.label_of), key=str)
+        if unknown:
+            raise DatasetError(
+                f"{self.source}: annotations use category ids {unknown[:10]} that are not in the label map "
+                f"{list(self.category_map.category_ids)[:20]}"
+            )
+
     def _load(self, info: dict[str, Any], where: str) -> Image.Image:
         file_name = info["file_name"]
         if self.in_memory is not None:
@@ -190,20 +208,11 @@ class CocoDetection(_CocoBase):
         images: Mapping[str, Image.Image] | None = None,
     ) -> None:
         super().__init__(image_dir, transforms, on_error, images)
-        data, self.source = _load_json(annotations)
-        _require(data, self.source, "images", "annotations", "categories")
-        self.data = data
+        self._read_annotations(annotations, category_map)
+        data = self.data
         self.masks = masks
         self.keep_crowd = keep_crowd
-        self.category_map = category_map or CategoryMap.from_categories(data["categories"])
-        label_of = self.category_map.label_of()
-        unknown = sorted({a.get("category_id") for a in data["annotations"]} - set(label_of))
-        if unknown:
-            raise DatasetError(
-                f"{self.source}: annotations use category ids {unknown[:10]} that are not in the label map "
-                f"{list(self.category_map.category_ids)[:20]}"
-            )
-        self.images = {int(img["id"]): img for img in data["images"]}
+        self._check_category_ids({a.get("category_id") for a in data["annotations"]})
         self.ids = sorted(self.images)
         self._anns: dict[int, list[dict[str, Any]]] = {i: [] for i in self.ids}
         for ann in data["annotations"]:
@@ -266,7 +275,7 @@ class CocoDetection(_CocoBase):
     def raw_target(self, image_id: int, width: int, height: int) -> dict[str, Any]:
         """Labels, absolute XYXY boxes (clipped, degenerate and crowd objects dropped) and masks."""
         info = {**self.images[image_id], "width": width, "height": height}
-        label_of = self.category_map.label_of()
+        label_of = self.label_of
         anns = [
             a
             for a in self._anns[image_id]
@@ -329,15 +338,15 @@ class CocoPanoptic(_CocoBase):
         pngs: Mapping[str, Image.Image] | None = None,
     ) -> None:
         super().__init__(image_dir, transforms, on_error, images)
-        data, self.source = _load_json(annotations)
-        _require(data, self.source, "images", "annotations", "categories")
-        self.data = data
+        self._read_annotations(annotations, category_map)
+        data = self.data
         self.png_dir = Path(png_dir) if png_dir is not None else None
         self.pngs = pngs
-        self.category_map = category_map or CategoryMap.from_categories(data["categories"])
         self.isthing = {int(c["id"]): bool(c.get("isthing", 1)) for c in data["categories"]}
-        self.images = {int(img["id"]): img for img in data["images"]}
         self.annotations = {int(a["image_id"]): a for a in data["annotations"]}
+        self._check_category_ids(
+            {s.get("category_id") for a in data["annotations"] for s in a.get("segments_info", [])}
+        )
         self.ids = [i for i in sorted(self.images) if i in self.annotations]
 
     def __len__(self) -> int:
@@ -366,7 +375,7 @@ class CocoPanoptic(_CocoBase):
                 ),
                 image_id,
             )
-        label_of = self.category_map.label_of()
+        label_of = self.label_of
         segments = self.annotations[image_id]["segments_info"]
         masks = torch.from_numpy(
             np.stack([ids == s["id"] for s in segments]) if segments else np.zeros((0, height, width), bool)
