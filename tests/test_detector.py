@@ -91,6 +91,41 @@ def test_segmentation_models_return_masks_at_original_size(images):
     assert result.masks.shape == (len(result), h, w) and result.masks.dtype == torch.bool
 
 
+def test_panoptic_and_semantic_modes(images):
+    torch.manual_seed(0)
+    config = tiny_config(
+        masks=True,
+        num_classes=6,
+        category_ids=(1, 2, 4, 7, 100, 101),
+        class_names=("rectangle", "ellipse", "triangle", "diamond", "sky", "ground"),
+        stuff_ids=(100, 101),
+        extra={"image_scale": 0.15},
+    )
+    detector = detrkit.Detector(detrkit.build_model(config), device="cpu")
+    assert detector.default_segmentation == "panoptic"
+    w, h = images[0].size
+    [result] = detector.predict(images[0], threshold=0.0, panoptic_threshold=0.0)
+    assert result.masks is None and result.segments.shape == (h, w)
+    info = result.segments_info
+    assert info and {s["id"] for s in info} == set(result.segments.unique().tolist()) - {0}
+    assert sum(s["area"] for s in info) == int((result.segments > 0).sum())
+    for s in info:
+        assert s["isthing"] == (s["category_id"] not in (100, 101))
+        assert s["name"] == config.class_names[config.category_ids.index(s["category_id"])]
+    assert [s["category_id"] for s in info if not s["isthing"]] == sorted(
+        {s["category_id"] for s in info if not s["isthing"]}, key=[s["category_id"] for s in info].index
+    ), "at most one segment per stuff class"
+    assert "segments_info" in result.to_dict()
+    [semantic] = detector.predict(images[0], segmentation="semantic")
+    assert semantic.semantic.shape == (h, w) and set(semantic.semantic.unique().tolist()) <= set(
+        config.category_ids
+    )
+    [instance] = detector.predict(images[0], threshold=0.0, segmentation="instance")
+    assert instance.masks.shape == (len(instance), h, w) and instance.segments is None
+    with pytest.raises(ValueError, match="expected 'instance'"):
+        detector.predict(images[0], segmentation="everything")
+
+
 def test_bad_inputs(detector, tmp_path):
     with pytest.raises(TypeError, match="unsupported image type"):
         detector.predict(42)
@@ -98,6 +133,8 @@ def test_bad_inputs(detector, tmp_path):
         detector.predict(np.zeros((8, 8, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"Tensor\[3, H, W\]"):
         detector.predict(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="needs a model with a mask head"):
+        detector.predict(np.zeros((8, 8, 3), dtype=np.uint8), segmentation="panoptic")
     (tmp_path / "x.jpg").write_text("not an image")
     with pytest.raises(detrkit.data.ImageLoadError, match="x.jpg: not an image"):
         detector.predict(tmp_path / "x.jpg")

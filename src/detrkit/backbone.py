@@ -32,6 +32,7 @@ class Backbone(nn.Module):
         pretrained: load torchvision's ImageNet weights (downloads them if not cached).
         frozen_bn: BatchNorm with fixed statistics, as DETR (right for a pretrained backbone);
             False trains ordinary BatchNorm, which a backbone trained from scratch needs.
+        last_stage: deepest stage kept (2-4); the stages after it are not built.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class Backbone(nn.Module):
         dilation: bool = False,
         pretrained: bool = False,
         frozen_bn: bool = True,
+        last_stage: int = 4,
     ) -> None:
         super().__init__()
         weights = None
@@ -57,18 +59,17 @@ class Backbone(nn.Module):
         for pname, parameter in resnet.named_parameters():
             if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)
-        if return_interm_layers:
-            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
-            self.strides = [4, 8, 16, 16 if dilation else 32]
-        else:
-            return_layers = {"layer4": "0"}
-            self.strides = [16 if dilation else 32]
+        strides = [4, 8, 16, 16 if dilation else 32]
+        stages = range(1, last_stage + 1) if return_interm_layers else [last_stage]
+        return_layers = {f"layer{i}": str(n) for n, i in enumerate(stages)}
+        self.strides = [strides[i - 1] for i in stages]
+        # IntermediateLayerGetter keeps the modules up to the last returned layer only.
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
         # NHWC convolutions are markedly faster with oneDNN on CPU and with tensor cores on GPU
         # (bench/forward_vs_transformers.py); load_state_dict keeps this layout.
         self.body.to(memory_format=torch.channels_last)
         expansion = 1 if name in ("resnet18", "resnet34") else 4
-        all_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        all_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion][:last_stage]
         self.channels = all_channels if return_interm_layers else all_channels[-1:]
         self.num_channels = all_channels[-1]
 

@@ -43,6 +43,9 @@ class DetrConfig:
     train_backbone: bool = True  # layers 2-4 trainable (conv1 and layer1 are always frozen)
     pretrained_backbone: bool = False  # ImageNet weights from torchvision; downloads, so opt-in only
     frozen_bn: bool = True  # DETR's frozen BatchNorm; False for a backbone trained from scratch
+    # Deepest ResNet stage used (2, 3 or 4 = the paper's). Fewer stages give a finer feature map
+    # (stride 8 / 16 / 32) for small images and a cheaper backbone; the later stages are not built.
+    last_stage: int = 4
     # --- transformer ----------------------------------------------------------------------------
     position_embedding: str = "sine"  # "sine" (normalised, temperature 10000) or "learned"
     d_model: int = 256
@@ -71,11 +74,12 @@ class DetrConfig:
     # --- labels ---------------------------------------------------------------------------------
     class_names: tuple[str, ...] | None = None
     category_ids: tuple[int, ...] | None = None  # dataset id of each contiguous label
+    stuff_ids: tuple[int, ...] | None = None  # panoptic models: dataset ids of the stuff classes
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form metadata
 
     def __post_init__(self) -> None:
         # Tuples may arrive as lists (JSON); normalise so the config stays hashable and comparable.
-        for name in ("class_names", "category_ids"):
+        for name in ("class_names", "category_ids", "stuff_ids"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -91,6 +95,14 @@ class DetrConfig:
             raise bad("backbone", f"expected one of {', '.join(BACKBONES)}")
         if self.dilation and self.backbone in ("resnet18", "resnet34"):
             raise bad("dilation", f"DC5 needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
+        if self.last_stage not in (2, 3, 4):
+            raise bad(
+                "last_stage", "expected 2, 3 or 4 (the ResNet stage whose output feeds the transformer)"
+            )
+        if self.dilation and self.last_stage != 4:
+            raise bad("dilation", "DC5 dilates stage 4, which last_stage < 4 does not build")
+        if self.masks and self.last_stage < 3:
+            raise bad("last_stage", "the mask head needs at least 3 backbone stages")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise bad("position_embedding", f"expected one of {', '.join(POSITION_EMBEDDINGS)}")
         for name in ("d_model", "nheads", "dim_feedforward", "num_queries", "num_classes", "dec_layers"):
@@ -112,11 +124,15 @@ class DetrConfig:
                 raise bad(name, f"has {len(value)} entries but num_classes={self.num_classes}")
         if self.category_ids is not None and len(set(self.category_ids)) != len(self.category_ids):
             raise bad("category_ids", "ids must be unique")
+        if self.stuff_ids is not None:
+            unknown = set(self.stuff_ids) - set(self.label_ids)
+            if unknown:
+                raise bad("stuff_ids", f"ids {sorted(unknown)} are not category ids of this model")
 
     # --- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("class_names", "category_ids"):
+        for name in ("class_names", "category_ids", "stuff_ids"):
             if d[name] is not None:
                 d[name] = list(d[name])
         return d
@@ -137,6 +153,18 @@ class DetrConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def label_ids(self) -> tuple[int, ...]:
+        """The dataset category id of each contiguous label (the label itself without ``category_ids``)."""
+        return self.category_ids if self.category_ids is not None else tuple(range(self.num_classes))
+
+    @property
+    def is_thing(self) -> tuple[bool, ...]:
+        """Per contiguous label: a *thing* (countable object) rather than *stuff* (panoptic models)."""
+        stuff = set(self.stuff_ids or ())
+        return tuple(i not in stuff for i in self.label_ids)
+
+    @property
     def num_channels(self) -> int:
         """Channels of the backbone's last feature map."""
-        return 512 if self.backbone in ("resnet18", "resnet34") else 2048
+        expansion = 1 if self.backbone in ("resnet18", "resnet34") else 4
+        return 64 * expansion * 2 ** (self.last_stage - 1)

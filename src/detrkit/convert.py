@@ -251,6 +251,8 @@ def _int_if_whole(value: float) -> int | float:
 
 def hf_config_dict(config: DetrConfig) -> dict[str, Any]:
     """A transformers ``config.json`` describing ``config`` (timm ResNet backbone)."""
+    if config.last_stage != 4:
+        raise ValueError(f"last_stage={config.last_stage}: Hugging Face DETR always uses all 4 ResNet stages")
     names = config.class_names or tuple(f"LABEL_{i}" for i in range(config.num_classes))
     return {
         "model_type": "detr",
@@ -348,7 +350,12 @@ def infer_config(state_dict: StateDict, **known: Any) -> DetrConfig:
 
     blocks = tuple(_count(state_dict, rf"backbone\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
     kind = "bottleneck" if "backbone.body.layer1.0.conv3.weight" in state_dict else "basic"
-    backbone = _RESNETS.get((kind, blocks))
+    # Models built with last_stage < 4 have no weights for the later stages.
+    last_stage = max((i + 1 for i, n in enumerate(blocks) if n), default=0)
+    matches = sorted(
+        name for (k, full), name in _RESNETS.items() if k == kind and full[:last_stage] == blocks[:last_stage]
+    )
+    backbone = matches[0] if last_stage >= 2 and all(blocks[:last_stage]) and matches else None
     if backbone is None:
         raise ValueError(f"unsupported backbone: ResNet with {kind} blocks {list(blocks)} per stage")
 
@@ -356,6 +363,7 @@ def infer_config(state_dict: StateDict, **known: Any) -> DetrConfig:
     d_model = input_proj.shape[0]
     fields: dict[str, Any] = {
         "backbone": backbone,
+        "last_stage": last_stage,
         "d_model": d_model,
         "num_queries": need("query_embed.weight").shape[0],
         "num_classes": need("class_embed.weight").shape[0] - 1,

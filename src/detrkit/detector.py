@@ -24,6 +24,7 @@ from .data.images import load_image
 from .data.transforms import TransformConfig, resized_shape
 from .distributed import pick_device
 from .model import Detr
+from .panoptic import PostProcessPanoptic, semantic_segmentation
 from .postprocess import PostProcess, PostProcessSegm
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
@@ -35,7 +36,10 @@ class Detections:
 
     ``boxes`` Tensor[N, 4] absolute (x1, y1, x2, y2) in the original image; ``scores`` Tensor[N];
     ``labels`` Int64Tensor[N] as the dataset's category ids; ``names`` their class names;
-    ``masks`` Bool Tensor[N, H, W] for segmentation models.
+    ``masks`` Bool Tensor[N, H, W] for instance segmentation. Panoptic segmentation gives
+    ``segments`` Int64 Tensor[H, W] (0 = void, else a segment id) with ``segments_info`` (``id``,
+    ``category_id``, ``name``, ``isthing``, ``score``, ``area`` per segment), i.e. COCO panoptic's
+    PNG + JSON; semantic segmentation gives ``semantic`` Int64 Tensor[H, W] of category ids.
     """
 
     boxes: Tensor
@@ -43,17 +47,24 @@ class Detections:
     labels: Tensor
     names: list[str]
     masks: Tensor | None = None
+    segments: Tensor | None = None
+    segments_info: list[dict[str, Any]] | None = None
+    semantic: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready boxes, scores, labels and names (+ ``segments_info`` for panoptic results)."""
+        out: dict[str, Any] = {
             "boxes": self.boxes.tolist(),
             "scores": self.scores.tolist(),
             "labels": self.labels.tolist(),
             "names": list(self.names),
         }
+        if self.segments_info is not None:
+            out["segments_info"] = self.segments_info
+        return out
 
 
 def _to_pil(image: ImageInput) -> Image.Image:
@@ -97,10 +108,11 @@ class Detector:
         self.batch_size = batch_size
         config = model.config
         self.sizes = TransformConfig.scaled(float(config.extra.get("image_scale", 1.0)))
-        self.category_ids = config.category_ids or tuple(range(config.num_classes))
+        self.category_ids = config.label_ids
         self.class_names = config.class_names or tuple(str(i) for i in self.category_ids)
         self._post = PostProcess()
         self._post_masks = PostProcessSegm()
+        self._post_panoptic = PostProcessPanoptic(config.is_thing)
 
     @classmethod
     def from_pretrained(
@@ -117,9 +129,38 @@ class Detector:
         tensor = TF.to_dtype(tensor, torch.float32, scale=True)
         return TF.normalize(tensor, list(self.sizes.mean), list(self.sizes.std))
 
+    @property
+    def default_segmentation(self) -> str | None:
+        """What a mask model returns by default: ``panoptic`` when it has stuff classes, else ``instance``."""
+        config = self.model.config
+        if not config.masks:
+            return None
+        return "panoptic" if config.stuff_ids else "instance"
+
     @torch.inference_mode()
-    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.7) -> list[Detections]:
-        """Detect objects in one image or a list of them (any mix of sizes and input types)."""
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = 0.7,
+        *,
+        segmentation: str | None = "auto",
+        panoptic_threshold: float = 0.85,
+    ) -> list[Detections]:
+        """Detect objects in one image or a list of them (any mix of sizes and input types).
+
+        ``segmentation`` (mask models only): ``"instance"`` (a mask per detection), ``"panoptic"``,
+        ``"semantic"``, None (boxes only) or ``"auto"`` (:attr:`default_segmentation`). Panoptic
+        segments are the queries whose class probability exceeds ``panoptic_threshold``.
+        """
+        if segmentation == "auto":
+            segmentation = self.default_segmentation
+        if segmentation not in (None, "instance", "panoptic", "semantic"):
+            raise ValueError(
+                f"segmentation={segmentation!r}: expected 'instance', 'panoptic', 'semantic', 'auto' or None"
+            )
+        if segmentation is not None and not self.model.config.masks:
+            raise ValueError(f"segmentation={segmentation!r} needs a model with a mask head (masks=True)")
+        self._post_panoptic.threshold = panoptic_threshold
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         pils = [_to_pil(item) for item in items]
@@ -135,12 +176,31 @@ class Detector:
                 outputs = self.model(batch.to(self.device))
                 orig = torch.tensor([[pils[i].height, pils[i].width] for i in chunk], device=self.device)
                 found = self._post(outputs, orig)
-                if "pred_masks" in outputs:
-                    sizes = torch.tensor([list(inputs[i].shape[-2:]) for i in chunk], device=self.device)
+                sizes = torch.tensor([list(inputs[i].shape[-2:]) for i in chunk], device=self.device)
+                if segmentation == "instance":
                     found = self._post_masks(found, outputs, sizes, orig)
                 for i, det in zip(chunk, found, strict=True):
                     results[i] = self._select(det, threshold)
+                if segmentation == "panoptic":
+                    for i, pan in zip(chunk, self._post_panoptic(outputs, sizes, orig), strict=True):
+                        results[i].segments = pan["segments"].cpu()
+                        results[i].segments_info = [self._segment_info(s) for s in pan["segments_info"]]
+                elif segmentation == "semantic":
+                    ids = torch.tensor(self.category_ids, dtype=torch.int64)
+                    for i, labels in zip(chunk, semantic_segmentation(outputs, sizes, orig), strict=True):
+                        results[i].semantic = ids[labels.cpu()]
         return results  # type: ignore[return-value]
+
+    def _segment_info(self, segment: dict[str, Any]) -> dict[str, Any]:
+        label = segment["label"]
+        return {
+            "id": segment["id"],
+            "category_id": int(self.category_ids[label]),
+            "name": self.class_names[label],
+            "isthing": segment["isthing"],
+            "score": segment["score"],
+            "area": segment["area"],
+        }
 
     def _select(self, det: dict[str, Tensor], threshold: float) -> Detections:
         keep = det["scores"] > threshold

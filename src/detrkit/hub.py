@@ -43,6 +43,9 @@ class OfficialCheckpoint:
 
 
 _COCO = {"class_names": COCO_CLASSES, "category_ids": tuple(range(91))}
+# The panoptic checkpoints predict 250 labels: COCO's thing ids 0-90, then stuff (is_thing_map of the
+# original's panoptic evaluation).
+_PANOPTIC = {"stuff_ids": tuple(range(91, 250))}
 
 OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     "detr-r50": OfficialCheckpoint("detr-r50-e632da11.pth", "e632da11", {**_COCO}, box_ap=42.0),
@@ -53,12 +56,14 @@ OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     "detr-r101-dc5": OfficialCheckpoint(
         "detr-r101-dc5-a2e86def.pth", "a2e86def", {**_COCO, "dilation": True}, 44.9
     ),
-    "detr-r50-panoptic": OfficialCheckpoint("detr-r50-panoptic-00ce5173.pth", "00ce5173", {}, 38.8, pq=43.4),
+    "detr-r50-panoptic": OfficialCheckpoint(
+        "detr-r50-panoptic-00ce5173.pth", "00ce5173", _PANOPTIC, 38.8, pq=43.4
+    ),
     "detr-r50-dc5-panoptic": OfficialCheckpoint(
-        "detr-r50-dc5-panoptic-da08f1b1.pth", "da08f1b1", {"dilation": True}, 40.2, pq=44.6
+        "detr-r50-dc5-panoptic-da08f1b1.pth", "da08f1b1", {**_PANOPTIC, "dilation": True}, 40.2, pq=44.6
     ),
     "detr-r101-panoptic": OfficialCheckpoint(
-        "detr-r101-panoptic-40021d53.pth", "40021d53", {}, 40.1, pq=45.1
+        "detr-r101-panoptic-40021d53.pth", "40021d53", _PANOPTIC, 40.1, pq=45.1
     ),
 }
 

@@ -46,6 +46,7 @@ class Detr(nn.Module):
             dilation=config.dilation,
             pretrained=config.pretrained_backbone,
             frozen_bn=config.frozen_bn,
+            last_stage=config.last_stage,
         )
         self.position_embedding = build_position_encoding(config.position_embedding, config.d_model)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
@@ -107,6 +108,7 @@ class Detr(nn.Module):
             ]
         if self.config.masks:
             bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
+            # Strides 16, 8, 4 (with last_stage 3 the first is the transformer input's own stride).
             fpns = [features[2][0], features[1][0], features[0][0]]
             seg_masks = self.mask_head(src_proj, bbox_mask, fpns)
             out["pred_masks"] = seg_masks.view(images.shape[0], -1, *seg_masks.shape[-2:])
