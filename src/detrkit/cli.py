@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.set_defaults(func=_cmd_eval)
 
+    from .predict_cli import add_parser as add_predict
+
+    add_predict(sub)
+
     p = sub.add_parser("plot", help="draw a run's loss and AP curves to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")

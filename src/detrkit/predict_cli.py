@@ -1,0 +1,254 @@
+"""``detrkit predict``: detections for images, folders and videos, written as COCO JSON + pictures.
+
+Outputs under ``--out``:
+
+* ``results.json``: COCO results (``image_id``, ``category_id``, ``bbox`` xywh, ``score``; RLE
+  ``segmentation`` for instance masks), readable by any COCO tool;
+* ``images.json``: the ``image_id`` -> file, width, height table of those results;
+* ``panoptic.json`` + ``panoptic/*.png`` for panoptic models (COCO panoptic format);
+* ``annotated/``: one picture per image, mirroring the input folders;
+* per video ``VIDEO.annotated.mp4`` and ``VIDEO.frames.json`` (detections per frame).
+
+A file that cannot be read is reported by name and skipped; the exit status is 1 if any was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .data.images import ImageLoadError, load_image
+from .fileio import atomic_write, write_json_atomic
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+def collect_inputs(sources: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """Files to process as ``(path, path relative to its input for output names)``, plus
+    ``(source, reason)`` for inputs that do not exist. Folders are searched recursively for image
+    and video files; files named explicitly are always tried."""
+    found, missing = [], []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                if file.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                    found.append((file, Path(path.name) / file.relative_to(path)))
+        elif path.is_file():
+            found.append((path, Path(path.name)))
+        else:
+            missing.append((source, "no such file or directory"))
+    return found, missing
+
+
+def _progress(done: int, total: int, start: float, failed: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    sys.stderr.write(f"\r{done}/{total} images  {rate:.1f} img/s  ETA {eta:.0f}s  failed {failed}   ")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+class Writer:
+    """Collects the COCO outputs and writes pictures as it goes."""
+
+    def __init__(self, out: Path, detector, draw: bool) -> None:
+        self.out, self.detector, self.draw = out, detector, draw
+        self.results: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
+        self.panoptic: list[dict[str, Any]] = []
+        self.detections = 0
+
+    def add(self, path: Path, name: Path, image, det) -> None:
+        from .evaluation import _encode_masks
+        from .panoptic import png_bytes
+
+        image_id = len(self.images) + 1
+        self.images.append(
+            {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height}
+        )
+        self.detections += len(det)
+        rles = _encode_masks(det.masks) if det.masks is not None and len(det) else [None] * len(det)
+        for box, score, label, rle in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), rles):
+            x1, y1, x2, y2 = box
+            entry = {
+                "image_id": image_id,
+                "category_id": label,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": score,
+            }
+            if rle is not None:
+                entry["segmentation"] = rle
+            self.results.append(entry)
+        if det.segments is not None:
+            png_name = name.with_suffix(".png").as_posix().replace("/", "__")
+            data = png_bytes(det.segments)
+            atomic_write(self.out / "panoptic" / png_name, lambda tmp: Path(tmp).write_bytes(data))
+            self.panoptic.append(
+                {"image_id": image_id, "file_name": png_name, "segments_info": det.segments_info}
+            )
+        if self.draw:
+            from .draw import draw_detections
+
+            picture = draw_detections(image, det)
+            target = self.out / "annotated" / name.with_suffix(".jpg")
+            atomic_write(target, lambda tmp: picture.save(tmp, format="JPEG", quality=90))
+
+    def finish(self) -> None:
+        write_json_atomic(self.out / "results.json", self.results)
+        write_json_atomic(self.out / "images.json", self.images)
+        if self.panoptic:
+            config = self.detector.model.config
+            categories = [
+                {"id": int(i), "name": n, "isthing": int(t)}
+                for i, n, t in zip(self.detector.category_ids, self.detector.class_names, config.is_thing)
+            ]
+            write_json_atomic(
+                self.out / "panoptic.json", {"annotations": self.panoptic, "categories": categories}
+            )
+
+
+def _image_batches(files: list[tuple[Path, Path]], batch_size: int, failures: list) -> Iterator[list]:
+    batch = []
+    for path, name in files:
+        try:
+            batch.append((path, name, load_image(path)))
+        except ImageLoadError as e:
+            failures.append((str(path), e.reason))
+            print(f"detrkit predict: skipping {path}: {e.reason}", file=sys.stderr)
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_video(detector, path: Path, out: Path, *, threshold: float, segmentation, batch_size: int) -> int:
+    """Annotated copy of a video (same frame rate, MPEG-4) and its detections per frame; returns the
+    number of frames."""
+    import av
+
+    from .draw import draw_detections
+
+    target = out / f"{path.stem}.annotated.mp4"
+    frames_json: list[dict[str, Any]] = []
+    tmp = target.with_name(target.name + ".tmp.mp4")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with av.open(str(path)) as source, av.open(str(tmp), mode="w") as sink:
+        stream_in = source.streams.video[0]
+        rate = stream_in.average_rate or 25
+        stream_out = sink.add_stream("mpeg4", rate=rate)
+        stream_out.width = stream_in.codec_context.width // 2 * 2
+        stream_out.height = stream_in.codec_context.height // 2 * 2
+        stream_out.pix_fmt = "yuv420p"
+        stream_out.bit_rate = 4_000_000
+
+        def flush(batch):
+            nonlocal count
+            images = [frame.to_image() for frame, _ in batch]
+            for (_, t), image, det in zip(
+                batch, images, detector.predict(images, threshold, segmentation=segmentation), strict=True
+            ):
+                frames_json.append({"frame": count, "time": t, **det.to_dict()})
+                picture = draw_detections(image, det).crop((0, 0, stream_out.width, stream_out.height))
+                for packet in stream_out.encode(av.VideoFrame.from_image(picture)):
+                    sink.mux(packet)
+                count += 1
+
+        batch = []
+        for frame in source.decode(stream_in):
+            batch.append((frame, float(frame.time) if frame.time is not None else None))
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        for packet in stream_out.encode():
+            sink.mux(packet)
+    tmp.replace(target)
+    write_json_atomic(out / f"{path.stem}.frames.json", frames_json)
+    return count
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .detector import Detector
+
+    out = Path(args.out)
+    files, missing = collect_inputs(args.inputs)
+    failures: list[tuple[str, str]] = list(missing)
+    for source, reason in missing:
+        print(f"detrkit predict: skipping {source}: {reason}", file=sys.stderr)
+    videos = [(p, n) for p, n in files if p.suffix.lower() in VIDEO_SUFFIXES]
+    images = [(p, n) for p, n in files if p.suffix.lower() not in VIDEO_SUFFIXES]
+    if not files:
+        print("detrkit predict: error: no images or videos found", file=sys.stderr)
+        return 2
+    detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.batch_size)
+    segmentation = (
+        "auto"
+        if args.segmentation == "auto"
+        else (None if args.segmentation == "none" else args.segmentation)
+    )
+    writer = Writer(out, detector, draw=not args.no_draw)
+    start, done = time.perf_counter(), 0
+    for batch in _image_batches(images, args.batch_size, failures):
+        found = detector.predict([image for _, _, image in batch], args.threshold, segmentation=segmentation)
+        for (path, name, image), det in zip(batch, found, strict=True):
+            writer.add(path, name, image, det)
+        done += len(batch)
+        _progress(done, len(images), start, len(failures))
+    writer.finish()
+    frames = 0
+    for path, _ in videos:
+        try:
+            frames += predict_video(
+                detector,
+                path,
+                out,
+                threshold=args.threshold,
+                segmentation=segmentation,
+                batch_size=args.batch_size,
+            )
+        except Exception as e:  # noqa: BLE001 - any decoding failure: report the file, keep going
+            if type(e).__module__.split(".")[0] != "av":
+                raise
+            failures.append((str(path), str(e)))
+            print(f"detrkit predict: skipping {path}: {e}", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    summary = (
+        f"{len(writer.images)} images, {writer.detections} detections (threshold {args.threshold})"
+        + (f", {len(videos)} videos ({frames} frames)" if videos else "")
+        + f" in {seconds:.1f}s; {len(failures)} failed; wrote {out}"
+    )
+    print(summary)
+    if failures:
+        print("failed: " + ", ".join(name for name, _ in failures), file=sys.stderr)
+    return 1 if failures else 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="detect objects in images, folders or videos")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or video files")
+    p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.7, help="minimum score (default 0.7)")
+    p.add_argument(
+        "--segmentation",
+        choices=("auto", "instance", "panoptic", "semantic", "none"),
+        default="auto",
+        help="for mask models (default: panoptic if the model has stuff classes, else instance)",
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
+    p.add_argument("--no-draw", action="store_true", help="do not write annotated pictures")
+    p.set_defaults(func=run_predict)
