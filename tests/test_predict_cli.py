@@ -43,6 +43,7 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, pictures, capsys):
     (folder / "broken.jpg").write_text("not an image")
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not an image suffix")
+    (folder / "clip.mp4").write_text("not a video")
     out = tmp_path / "out"
     code = main(
         [
@@ -59,10 +60,10 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, pictures, capsys):
     )
     captured = capsys.readouterr()
     assert code == 1  # some inputs failed ...
-    for name in ("broken.jpg", "empty.png", "missing.jpg"):
+    for name in ("broken.jpg", "empty.png", "missing.jpg", "clip.mp4"):
         assert name in captured.err
     assert "notes.txt" not in captured.err
-    assert "3 images" in captured.out and "3 failed" in captured.out
+    assert "3 images" in captured.out and "4 failed" in captured.out
     # ... but every good image was written.
     images = json.loads((out / "images.json").read_text())
     assert sorted(i["file_name"] for i in images) == sorted(

@@ -130,6 +130,28 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model
+    from .export import export_onnx, export_torchscript, onnx_max_diff
+
+    model = load_model(args.weights)
+    if args.format == "onnx":
+        path = export_onnx(model, args.out, opset=args.opset)
+        print(f"wrote {path} (ONNX opset {args.opset}; dynamic batch, height and width)")
+        try:
+            diffs = onnx_max_diff(model, path)
+        except ImportError:
+            print("onnxruntime is not installed: output not checked")
+        else:
+            print(
+                "onnxruntime max abs diff vs PyTorch: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+            )
+    else:
+        path = export_torchscript(model, args.out)
+        print(f"wrote {path} (TorchScript, traced)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detrkit", description="DETR: detection transformers in PyTorch")
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
@@ -180,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .predict_cli import add_parser as add_predict
 
     add_predict(sub)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic shapes) or TorchScript")
+    p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="file to write (.onnx / .pt)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plot", help="draw a run's loss and AP curves to a PNG")
     p.add_argument("run_dir")

@@ -139,45 +139,41 @@ def predict_video(detector, path: Path, out: Path, *, threshold: float, segmenta
 
     from .draw import draw_detections
 
-    target = out / f"{path.stem}.annotated.mp4"
     frames_json: list[dict[str, Any]] = []
-    tmp = target.with_name(target.name + ".tmp.mp4")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with av.open(str(path)) as source, av.open(str(tmp), mode="w") as sink:
-        stream_in = source.streams.video[0]
-        rate = stream_in.average_rate or 25
-        stream_out = sink.add_stream("mpeg4", rate=rate)
-        stream_out.width = stream_in.codec_context.width // 2 * 2
-        stream_out.height = stream_in.codec_context.height // 2 * 2
-        stream_out.pix_fmt = "yuv420p"
-        stream_out.bit_rate = 4_000_000
 
-        def flush(batch):
-            nonlocal count
-            images = [frame.to_image() for frame, _ in batch]
-            for (_, t), image, det in zip(
-                batch, images, detector.predict(images, threshold, segmentation=segmentation), strict=True
-            ):
-                frames_json.append({"frame": count, "time": t, **det.to_dict()})
-                picture = draw_detections(image, det).crop((0, 0, stream_out.width, stream_out.height))
-                for packet in stream_out.encode(av.VideoFrame.from_image(picture)):
-                    sink.mux(packet)
-                count += 1
+    def encode(tmp: str) -> None:
+        with av.open(str(path)) as source, av.open(tmp, mode="w", format="mp4") as sink:
+            stream_in = source.streams.video[0]
+            stream_out = sink.add_stream("mpeg4", rate=stream_in.average_rate or 25)
+            stream_out.width = stream_in.codec_context.width // 2 * 2  # yuv420p needs even sizes
+            stream_out.height = stream_in.codec_context.height // 2 * 2
+            stream_out.pix_fmt = "yuv420p"
+            stream_out.bit_rate = 4_000_000
 
-        batch = []
-        for frame in source.decode(stream_in):
-            batch.append((frame, float(frame.time) if frame.time is not None else None))
-            if len(batch) == batch_size:
+            def flush(batch: list) -> None:
+                images = [frame.to_image() for frame in batch]
+                found = detector.predict(images, threshold, segmentation=segmentation)
+                for frame, image, det in zip(batch, images, found, strict=True):
+                    time_s = float(frame.time) if frame.time is not None else None
+                    frames_json.append({"frame": len(frames_json), "time": time_s, **det.to_dict()})
+                    picture = draw_detections(image, det).crop((0, 0, stream_out.width, stream_out.height))
+                    for packet in stream_out.encode(av.VideoFrame.from_image(picture)):
+                        sink.mux(packet)
+
+            batch = []
+            for frame in source.decode(stream_in):
+                batch.append(frame)
+                if len(batch) == batch_size:
+                    flush(batch)
+                    batch = []
+            if batch:
                 flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-        for packet in stream_out.encode():
-            sink.mux(packet)
-    tmp.replace(target)
+            for packet in stream_out.encode():
+                sink.mux(packet)
+
+    atomic_write(out / f"{path.stem}.annotated.mp4", encode, suffix=".mp4")
     write_json_atomic(out / f"{path.stem}.frames.json", frames_json)
-    return count
+    return len(frames_json)
 
 
 def run_predict(args: argparse.Namespace) -> int:
