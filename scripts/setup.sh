@@ -30,6 +30,23 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
+# The web page of `detrkit serve` is tested in headless Chromium (Debian's chromium + chromium-driver).
+# Installed here when the system allows it (root or passwordless sudo, apt); otherwise that one test
+# is skipped, unless DETRKIT_REQUIRE_BROWSER is set (CI), where it fails.
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && sudo=(sudo -n); }
+    if [ "$(id -u)" = 0 ] || [ ${#sudo[@]} -gt 0 ]; then
+        echo "setup: apt-get install chromium chromium-driver (browser test of the web page)"
+        export DEBIAN_FRONTEND=noninteractive
+        "${sudo[@]}" apt-get install -y -q chromium chromium-driver >/dev/null ||
+            { "${sudo[@]}" apt-get update -q >/dev/null && "${sudo[@]}" apt-get install -y -q chromium chromium-driver >/dev/null; } ||
+            echo "setup: could not install chromium; the browser test will be skipped" >&2
+    else
+        echo "setup: chromium not installed (apt install chromium chromium-driver); the browser test will be skipped"
+    fi
+fi
+
 # Skip the whole install when nothing that affects it changed since the last successful run.
 stamp="$VENV/.detrkit-setup"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)

@@ -152,6 +152,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .serve import ServeConfig, serve
+
+    detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.max_batch)
+    config = ServeConfig(
+        threshold=args.threshold,
+        max_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_batch=args.max_batch,
+    )
+    serve(detector, args.host, args.port, config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detrkit", description="DETR: detection transformers in PyTorch")
     parser.add_argument("--version", action="version", version=f"detrkit {__version__}")
@@ -209,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write (.onnx / .pt)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP detection service with an upload page (FastAPI + uvicorn)")
+    p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threshold", type=float, default=0.7, help="default score threshold")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (413 above)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted (400 above)")
+    p.add_argument("--max-batch", type=int, default=8, help="images run through the model together")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("plot", help="draw a run's loss and AP curves to a PNG")
     p.add_argument("run_dir")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import IO
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +59,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(path, "is a directory, not an image")
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    return decode_image(path, path)
+
+
+def decode_image(source: str | os.PathLike | IO[bytes], name: str | os.PathLike) -> Image.Image:
+    """:func:`load_image` for a path or an open binary file (an upload); ``name`` is what errors say."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()  # decode now, so truncated data fails here and not later
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb(image)
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image (unrecognised file format)") from None
+        raise ImageLoadError(name, "not an image (unrecognised file format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(path, f"too many pixels ({e})") from None
+        raise ImageLoadError(name, f"too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
+        raise ImageLoadError(name, f"truncated or corrupt image data ({e})") from None
