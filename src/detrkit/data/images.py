@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import IO
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
