@@ -214,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.set_defaults(func=_cmd_eval)
 
+    from .explain import add_parser as add_explain
     from .predict_cli import add_parser as add_predict
 
     add_predict(sub)
+    add_explain(sub)
 
     p = sub.add_parser("export", help="export a model to ONNX (dynamic shapes) or TorchScript")
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
