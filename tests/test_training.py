@@ -292,3 +292,36 @@ def test_unreadable_training_images_are_skipped_warned_once_and_counted(tmp_path
     assert len(warned) == 2 and any("000003.jpg: empty file" in m for m in warned)
     counts = [m for m in messages if m.startswith("skipped ")]
     assert len(counts) == 2 and all("skipped 2 sample(s) this epoch" in m for m in counts)
+
+
+def test_panoptic_training_reports_pq(tmp_path, data_root):
+    model = {**TINY_MODEL, "d_model": 32, "nheads": 8}  # the mask head needs d_model + nheads % 8 == 0
+    messages = []
+    metrics = Trainer(
+        tiny(tmp_path, data_root, panoptic=True, epochs=1, model=model), log=messages.append
+    ).fit()
+    for key in ("panoptic/PQ", "panoptic/SQ", "panoptic/RQ", "panoptic/PQ_th", "panoptic/PQ_st"):
+        assert key in metrics and -1.0 <= metrics[key] <= 1.0
+    assert any("PQ" in m and "things" in m for m in messages)  # the final table
+    loaded = detrkit.load_model(tmp_path / "run" / LAST)
+    assert loaded.config.masks and loaded.config.stuff_ids == (100, 101)
+    assert loaded.config.category_ids == (1, 2, 4, 7, 100, 101)
+    assert "stuff" in " ".join(messages)
+    # ... and `detrkit eval --panoptic` scores the checkpoint the same way.
+    code = detrkit.cli.main(
+        [
+            "eval",
+            "--weights",
+            str(tmp_path / "run" / LAST),
+            "--data",
+            str(data_root),
+            "--panoptic",
+            "--num-workers",
+            "0",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert code == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["panoptic/PQ"] == pytest.approx(metrics["panoptic/PQ"], abs=1e-6)

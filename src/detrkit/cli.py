@@ -103,6 +103,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.masks:
         overrides["model.masks"] = True
+    if args.panoptic:
+        overrides["panoptic"] = True
     for assignment in args.set or []:
         key, value = parse_assignment(assignment)
         overrides[key] = value
@@ -193,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--masks", action="store_true", help="train the mask head too (instance segmentation)")
     p.add_argument(
+        "--panoptic", action="store_true", help="COCO panoptic data: things + stuff with masks, PQ evaluation"
+    )
+    p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any option, e.g. model.num_queries=50"
     )
     for name, (kind, text) in _TRAIN_OPTIONS.items():
@@ -207,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
     p.add_argument("--data", required=True, help='dataset root, an instances JSON, or "synthetic"')
     p.add_argument("--split", default="val2017")
+    p.add_argument(
+        "--panoptic", action="store_true", help="PQ on COCO panoptic annotations (panoptic models)"
+    )
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--image-scale", type=float, default=None, help="default: what the model was trained with")

@@ -17,7 +17,9 @@ from .criterion import SetCriterion
 from .data.collate import Batch, SkipTracker
 from .distributed import all_reduce_mean, is_dist, is_main_process
 from .evaluation import CocoEvaluator
+from .panoptic import PostProcessPanoptic
 from .postprocess import PostProcess, PostProcessSegm
+from .pq import PanopticEvaluator
 
 
 class TrainingError(RuntimeError):
@@ -154,11 +156,16 @@ def train_one_epoch(
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable[Batch],
-    evaluator: CocoEvaluator,
+    evaluator: CocoEvaluator | PanopticEvaluator,
     device: torch.device,
     *,
     amp: str = "none",
@@ -166,10 +173,13 @@ def evaluate(
     progress: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Run the model over ``loader``, feed ``evaluator`` with detections in original image
-    coordinates, and return its COCO metrics (plus the mean validation loss with ``criterion``)."""
+    coordinates (panoptic segmentations for a :class:`PanopticEvaluator`), and return its metrics (plus the mean validation loss with ``criterion``)."""
     model.eval()
     postprocess = PostProcess()
     postprocess_masks = PostProcessSegm()
+    panoptic = "panoptic" in evaluator.iou_types
+    if panoptic:
+        postprocess_panoptic = PostProcessPanoptic(_unwrap(model).config.is_thing)
     loss_sum, batches = 0.0, 0
     for batch in loader:
         if len(batch) == 0:
@@ -183,11 +193,18 @@ def evaluate(
             loss_sum += float(sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights))
             batches += 1
         orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        image_ids = [int(t["image_id"]) for t in batch.targets]
+        if panoptic:
+            sizes = torch.stack([t["size"] for t in batch.targets])
+            evaluator.update(image_ids, postprocess_panoptic(outputs, sizes, orig_sizes))
+            if progress is not None:
+                progress()
+            continue
         detections = postprocess(outputs, orig_sizes)
         if "segm" in evaluator.iou_types:
             sizes = torch.stack([t["size"] for t in batch.targets])
             detections = postprocess_masks(detections, outputs, sizes, orig_sizes)
-        evaluator.update([int(t["image_id"]) for t in batch.targets], detections)
+        evaluator.update(image_ids, detections)
         if progress is not None:
             progress()
     evaluator.synchronize()

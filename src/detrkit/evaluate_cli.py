@@ -9,14 +9,15 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from .checkpoints import load_model
-from .data.coco import CategoryMap, CocoDetection, DatasetError
+from .data.coco import CategoryMap, CocoDetection, CocoPanoptic, DatasetError
 from .data.collate import collate
 from .data.transforms import TransformConfig, eval_transforms
 from .distributed import pick_device
 from .engine import evaluate
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import write_json_atomic
-from .trainer import resolve_split
+from .pq import PanopticEvaluator
+from .trainer import resolve_panoptic, resolve_split
 
 
 def model_category_map(config, dataset_categories: list[dict]) -> CategoryMap:
@@ -48,26 +49,33 @@ def run_eval(args: argparse.Namespace) -> int:
         root = Path(args.out or "runs/eval") / "synthetic-data"
         if not (root / "annotations" / f"instances_{args.split}.json").exists():
             write_synthetic(root, SynthConfig(images=64), {args.split.removesuffix("2017"): 16})
-    ann, images = resolve_split(root, args.split)
-    categories = json.loads(ann.read_text()).get("categories", [])
-    cmap = model_category_map(model.config, categories)
     scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
-    dataset = CocoDetection(
-        images,
-        ann,
-        eval_transforms(TransformConfig.scaled(scale)),
-        category_map=cmap,
-        masks=model.config.masks,
-    )
+    transforms = eval_transforms(TransformConfig.scaled(scale))
+    if args.panoptic:
+        if not model.config.masks:
+            raise DatasetError(f"{args.weights}: PQ needs a panoptic model (with a mask head)")
+        ann, images, pngs = resolve_panoptic(root, args.split)
+        categories = json.loads(ann.read_text()).get("categories", [])
+        cmap = model_category_map(model.config, categories)
+        dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
+        evaluator = PanopticEvaluator(dataset.isthing, dataset.ground_truth, cmap.category_ids)
+    else:
+        ann, images = resolve_split(root, args.split)
+        categories = json.loads(ann.read_text()).get("categories", [])
+        cmap = model_category_map(model.config, categories)
+        dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)
+        iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
+        evaluator = CocoEvaluator(dataset.data, cmap, iou_types)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
-    iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
-    evaluator = CocoEvaluator(dataset.data, cmap, iou_types)
     metrics = evaluate(model, loader, evaluator, device)
     print(f"{args.weights} on {ann} ({len(dataset)} images):")
     print(format_metrics(metrics))
     if args.out:
         out = Path(args.out)
-        evaluator.write_results(out / "results.json")
         write_json_atomic(out / "metrics.json", metrics)
-        print(f"wrote {out / 'results.json'} and {out / 'metrics.json'}")
+        if isinstance(evaluator, CocoEvaluator):
+            evaluator.write_results(out / "results.json")
+            print(f"wrote {out / 'results.json'} and {out / 'metrics.json'}")
+        else:
+            print(f"wrote {out / 'metrics.json'}")
     return 0

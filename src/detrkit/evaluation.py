@@ -115,7 +115,20 @@ class CocoEvaluator:
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """A small table of the main metrics, one row per IoU type."""
+    """A small table of the main metrics, one row per IoU type (and PQ / SQ / RQ when present)."""
+    rows = []
+    if "panoptic/PQ" in metrics:
+        rows.append(f"{'':9}{'PQ':>7}{'SQ':>7}{'RQ':>7}")
+        for suffix, name in (("", "all"), ("_th", "things"), ("_st", "stuff")):
+            values = [metrics.get(f"panoptic/{m}{suffix}", -1.0) for m in ("PQ", "SQ", "RQ")]
+            rows.append(f"{name:9}" + "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in values))
+        if not any("/" in k and k.split("/")[1] in STAT_NAMES for k in metrics):
+            return "\n".join(rows)
+        rows.append("")
+    return "\n".join(rows + [_format_ap(metrics)])
+
+
+def _format_ap(metrics: dict[str, float]) -> str:
     types = sorted({k.split("/")[0] for k in metrics if "/" in k and k.split("/")[1] in STAT_NAMES})
     header = f"{'':6}" + "".join(f"{n:>7}" for n in STAT_NAMES[:6]) + f"{'AR100':>7}"
     rows = [header]

@@ -115,7 +115,9 @@ def summarize_pq(stats: Mapping[int, np.ndarray], isthing: Mapping[int, bool]) -
             sq += iou / tp if tp else 0.0
             rq += tp / (tp + 0.5 * fp + 0.5 * fn)
         for name, value in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-            out[f"panoptic/{name}{suffix}"] = value / n if n else -1.0
+            out[f"panoptic/{name}{suffix}"] = (
+                float(value / n) if n else -1.0
+            )  # plain floats: JSON, checkpoints
     return out
 
 

@@ -30,6 +30,9 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     image_scale: float = 1.0  # multiplies every size of the paper's augmentation (0.2 for CPU)
     augment: bool = True  # False: train on the evaluation resize only (deterministic inputs)
+    # COCO panoptic data (annotations/panoptic_{split}.json + PNGs): things and stuff, mask head on,
+    # evaluated with PQ. Otherwise instances JSON (boxes; masks too with model.masks).
+    panoptic: bool = False
     epochs: int = 300
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     time_budget: float | None = None  # minutes of training; the epoch that crosses it is the last

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
 from .criterion import build_criterion
-from .data.coco import CocoDetection, DatasetError
+from .data.coco import CocoDetection, CocoPanoptic, DatasetError
 from .data.collate import AspectRatioBatchSampler, SkipTracker, collate
 from .data.synthetic import SynthConfig, write_synthetic
 from .data.transforms import TransformConfig, eval_transforms, train_transforms
@@ -35,12 +35,13 @@ from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import atomic_write, write_json_atomic
 from .model import Detr
+from .pq import PanopticEvaluator
 from .train_config import TrainConfig, merge, nest
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
 METRICS = "metrics.jsonl"
-BEST_METRIC = "bbox/AP"
+BEST_METRIC = "bbox/AP"  # panoptic runs keep the best panoptic/PQ
 
 
 class ShardSampler(Sampler[int]):
@@ -72,6 +73,17 @@ def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
             return ann, images
     tried = ", ".join(str(a) for a, _ in candidates)
     raise DatasetError(f"{root}: no annotations for split {split!r} (looked for {tried})")
+
+
+def resolve_panoptic(root: Path, split: str) -> tuple[Path, Path, Path]:
+    """(panoptic JSON, image folder, PNG folder) of ``split`` in the COCO panoptic layout."""
+    ann = root / "annotations" / f"panoptic_{split}.json"
+    if not ann.is_file():
+        raise DatasetError(f"{root}: no panoptic annotations for split {split!r} (looked for {ann})")
+    for pngs in (root / "annotations" / f"panoptic_{split}", root / f"panoptic_{split}"):
+        if pngs.is_dir():
+            return ann, root / split, pngs
+    raise DatasetError(f"{root}: no folder of panoptic PNGs panoptic_{split} next to {ann}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -172,9 +184,21 @@ class Trainer:
             root = Path(cfg.data)
         masks = bool(cfg.model.get("masks", False))
         sizes = TransformConfig.scaled(cfg.image_scale)
+        augmentation = train_transforms(sizes) if cfg.augment else eval_transforms(sizes)
+        if cfg.panoptic:
+            train_ann, train_dir, train_png = resolve_panoptic(root, cfg.train_split)
+            val_ann, val_dir, val_png = resolve_panoptic(root, cfg.val_split)
+            train = CocoPanoptic(train_dir, train_ann, train_png, augmentation)
+            val = CocoPanoptic(
+                val_dir, val_ann, val_png, eval_transforms(sizes), category_map=train.category_map
+            )
+            self.log(
+                f"data: {len(train)} training images ({train_ann}), {len(val)} validation images, "
+                f"{train.category_map.num_classes} classes ({len(train.stuff_ids)} stuff)"
+            )
+            return train, val
         train_ann, train_dir = resolve_split(root, cfg.train_split)
         val_ann, val_dir = resolve_split(root, cfg.val_split)
-        augmentation = train_transforms(sizes) if cfg.augment else eval_transforms(sizes)
         train = CocoDetection(train_dir, train_ann, augmentation, masks=masks)
         # COCO AP reads the whole annotation file (crowd regions included); targets drop crowds.
         val = CocoDetection(
@@ -194,6 +218,8 @@ class Trainer:
             "class_names": cmap.names,
             "category_ids": cmap.category_ids,
         }
+        if cfg.panoptic:
+            labels.update(masks=True, stuff_ids=self.train_set.stuff_ids)
         if saved is not None:
             config = DetrConfig.from_dict(saved["detrkit_config"])
             return Detr(config)
@@ -332,8 +358,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         val_loader = self._val_loader()
-        iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
-        evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
+        if self.config.panoptic:
+            evaluator = PanopticEvaluator(
+                self.val_set.isthing, self.val_set.ground_truth, self.val_set.category_map.category_ids
+            )
+        else:
+            iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
+            evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
         model = self.ema.module if self.ema is not None else self.model
         return evaluate(
             model, val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
@@ -408,9 +439,12 @@ class Trainer:
             if finished or (cfg.eval_every and self.state.epoch % cfg.eval_every == 0):
                 metrics = self.evaluate()
                 record["val"] = metrics
-                line += f", val loss {metrics.get('val/loss', float('nan')):.4f}, box AP {100 * metrics[BEST_METRIC]:.1f}"
-                if metrics[BEST_METRIC] > self.state.best_metric:
-                    self.state.best_metric = metrics[BEST_METRIC]
+                key, name = ("panoptic/PQ", "PQ") if cfg.panoptic else (BEST_METRIC, "box AP")
+                line += (
+                    f", val loss {metrics.get('val/loss', float('nan')):.4f}, {name} {100 * metrics[key]:.1f}"
+                )
+                if metrics[key] > self.state.best_metric:
+                    self.state.best_metric = metrics[key]
                     self._save(BEST)
             self.log(f"{line} ({time.time() - start:.0f}s)")
             self._log_metrics(record)

@@ -167,6 +167,10 @@ class _CocoBase(Dataset):
             )
         return image
 
+    def aspect_ratios(self) -> list[float]:
+        """width / height of every image, from the annotation file (for batch grouping)."""
+        return [self.images[i].get("width", 1) / max(self.images[i].get("height", 1), 1) for i in self.ids]
+
     def _skip_or_raise(self, error: ImageLoadError, image_id: int) -> SkippedSample:
         if self.on_error == "raise":
             raise error
@@ -268,10 +272,6 @@ class CocoDetection(_CocoBase):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def aspect_ratios(self) -> list[float]:
-        """width / height of every image, from the annotation file (for batch grouping)."""
-        return [self.images[i].get("width", 1) / max(self.images[i].get("height", 1), 1) for i in self.ids]
-
     def raw_target(self, image_id: int, width: int, height: int) -> dict[str, Any]:
         """Labels, absolute XYXY boxes (clipped, degenerate and crowd objects dropped) and masks."""
         info = {**self.images[image_id], "width": width, "height": height}
@@ -351,6 +351,15 @@ class CocoPanoptic(_CocoBase):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def stuff_ids(self) -> tuple[int, ...]:
+        """Category ids of the stuff classes."""
+        return tuple(i for i in self.category_map.category_ids if not self.isthing.get(i, True))
+
+    def ground_truth(self, image_id: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """(segment-id map int64[H, W], segments_info) of ``image_id`` at its original size (for PQ)."""
+        return self.segment_ids(image_id), self.annotations[image_id]["segments_info"]
 
     def segment_ids(self, image_id: int) -> np.ndarray:
         """The PNG of ``image_id`` as int64[H, W] segment ids."""
