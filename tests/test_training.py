@@ -325,3 +325,24 @@ def test_panoptic_training_reports_pq(tmp_path, data_root):
     assert code == 0
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["panoptic/PQ"] == pytest.approx(metrics["panoptic/PQ"], abs=1e-6)
+
+
+def test_backbone_pretraining_stage(tmp_path, data_root):
+    messages = []
+    cfg = tiny(tmp_path, data_root, epochs=1, backbone_pretrain_steps=3, eval_every=0)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, log=messages.append)
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if "layer4" in k)
+    assert any("backbone pretraining: step 3/3" in m for m in messages)
+    records = [json.loads(line) for line in (tmp_path / "run" / METRICS).read_text().splitlines()]
+    assert "pretrain" in records[0] and records[0]["pretrain"]["seconds"] > 0
+    assert records[-1]["train_seconds"] >= records[0]["train_seconds"]
+    state = torch_load_safe(tmp_path / "run" / LAST)["state"]
+    assert state["backbone_pretrained"] is True
+    # A resumed run does not pretrain again.
+    messages.clear()
+    Trainer(TrainConfig(output_dir=cfg.output_dir), resume=True, overrides={"epochs": 2}, log=messages.append).fit()
+    assert not any("backbone pretraining" in m for m in messages)

@@ -34,7 +34,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     bad_streak: int = 0  # consecutive non-finite losses
     best_metric: float = -1.0
-    train_seconds: float = 0.0  # wall-clock time spent in training epochs (evaluation excluded)
+    train_seconds: float = 0.0  # wall-clock time spent training (evaluation excluded)
+    backbone_pretrained: bool = False  # the dense pretraining stage is done
     history: list[dict] = field(default_factory=list)
 
 

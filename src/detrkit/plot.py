@@ -33,7 +33,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("detrkit plot needs matplotlib: pip install 'detrkit[plot]'") from None
-    records = read_metrics(run_dir)
+    records = [r for r in read_metrics(run_dir) if "train" in r]  # skip the pretraining record
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [r["epoch"] for r in records]
@@ -44,7 +44,12 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     val = [(r["epoch"], r["val"]) for r in records if "val" in r]
     if val:
         ax_loss.plot([e for e, _ in val], [v.get("val/loss") for _, v in val], "o--", label="val total")
-        for key, label in (("bbox/AP", "box AP"), ("bbox/AP50", "box AP50"), ("segm/AP", "mask AP")):
+        for key, label in (
+            ("bbox/AP", "box AP"),
+            ("bbox/AP50", "box AP50"),
+            ("segm/AP", "mask AP"),
+            ("panoptic/PQ", "PQ"),
+        ):
             if key in val[0][1]:
                 ax_ap.plot([e for e, _ in val], [100 * v[key] for _, v in val], "o-", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="losses")

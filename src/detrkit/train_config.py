@@ -53,6 +53,10 @@ class TrainConfig:
     freeze_backbone: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
     synth_images: int = 64  # size of the synthetic dataset when data == "synthetic"
+    # Steps of dense pretraining of the backbone on the training masks before DETR trains (a
+    # from-scratch backbone's substitute for ImageNet weights; see detrkit.pretrain). 0: none.
+    backbone_pretrain_steps: int = 0
+    backbone_pretrain_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
@@ -36,6 +36,7 @@ from .evaluation import CocoEvaluator, format_metrics
 from .fileio import atomic_write, write_json_atomic
 from .model import Detr
 from .pq import PanopticEvaluator
+from .pretrain import pretrain_backbone
 from .train_config import TrainConfig, merge, nest
 
 LAST = "checkpoint_last.pth"
@@ -189,6 +190,7 @@ class Trainer:
             train_ann, train_dir, train_png = resolve_panoptic(root, cfg.train_split)
             val_ann, val_dir, val_png = resolve_panoptic(root, cfg.val_split)
             train = CocoPanoptic(train_dir, train_ann, train_png, augmentation)
+            self._mask_train_set = lambda: train
             val = CocoPanoptic(
                 val_dir, val_ann, val_png, eval_transforms(sizes), category_map=train.category_map
             )
@@ -200,6 +202,10 @@ class Trainer:
         train_ann, train_dir = resolve_split(root, cfg.train_split)
         val_ann, val_dir = resolve_split(root, cfg.val_split)
         train = CocoDetection(train_dir, train_ann, augmentation, masks=masks)
+        # The dense backbone pretraining needs the masks even when DETR itself does not.
+        self._mask_train_set = lambda: CocoDetection(
+            train_dir, train_ann, augmentation, masks=True, category_map=train.category_map
+        )
         # COCO AP reads the whole annotation file (crowd regions included); targets drop crowds.
         val = CocoDetection(
             val_dir, val_ann, eval_transforms(sizes), masks=masks, category_map=train.category_map
@@ -276,18 +282,19 @@ class Trainer:
             groups.append({"params": backbone, "lr": cfg.lr_backbone})
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def _train_loader(self, epoch: int) -> DataLoader:
+    def _train_loader(self, epoch: int, dataset: Dataset | None = None) -> DataLoader:
         """This epoch's shuffled, aspect-ratio-grouped batches (the order depends on seed and epoch)."""
         cfg = self.config
+        dataset = dataset if dataset is not None else self.train_set
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         if is_dist():
-            sampler = DistributedSampler(self.train_set, shuffle=True, seed=cfg.seed)
+            sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
         else:
-            sampler = RandomSampler(self.train_set, generator=generator)
-        batches = AspectRatioBatchSampler(sampler, self.train_set.aspect_ratios(), cfg.batch_size)
+            sampler = RandomSampler(dataset, generator=generator)
+        batches = AspectRatioBatchSampler(sampler, dataset.aspect_ratios(), cfg.batch_size)
         return DataLoader(
-            self.train_set,
+            dataset,
             batch_sampler=batches,
             collate_fn=collate,
             num_workers=cfg.num_workers,
@@ -370,6 +377,30 @@ class Trainer:
             model, val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
         )
 
+    def _pretrain_backbone(self) -> None:
+        cfg = self.config
+        dataset = self._mask_train_set()
+        self.log(
+            f"backbone pretraining: {cfg.backbone_pretrain_steps} steps of dense classification "
+            f"on {len(dataset)} images (lr {cfg.backbone_pretrain_lr:g})"
+        )
+        # Seeded separately from the epochs, so a run that resumes later replays them identically.
+        _seed_everything(cfg.seed + 7919)
+        stats = pretrain_backbone(
+            self.model,
+            lambda epoch: self._train_loader(-1 - epoch, dataset),
+            steps=cfg.backbone_pretrain_steps,
+            lr=cfg.backbone_pretrain_lr,
+            device=self.device,
+            log=self.log,
+        )
+        self.state.backbone_pretrained = True
+        self.state.train_seconds += stats["seconds"]
+        self._log_metrics(
+            {"epoch": 0, "step": 0, "train_seconds": round(self.state.train_seconds, 2), "pretrain": stats}
+        )
+        self._save(LAST)
+
     def fit(self) -> dict[str, float]:
         from tqdm import tqdm
 
@@ -386,6 +417,8 @@ class Trainer:
         skips = SkipTracker(warn=self.log)
         metrics: dict[str, float] = {}
         began = time.time()
+        if cfg.backbone_pretrain_steps and not self.state.backbone_pretrained:
+            self._pretrain_backbone()
 
         def out_of_budget() -> bool:
             return cfg.time_budget is not None and time.time() - began >= 60 * cfg.time_budget
