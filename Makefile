@@ -25,6 +25,8 @@ lint: setup
 demo: setup
 	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --epochs $(DEMO_EPOCHS)
 	$(PY) -m detrkit plot runs/demo
+	$(PY) -m detrkit predict runs/demo/synthetic-data/val2017 --weights runs/demo/checkpoint_best.pth \
+		--out runs/demo/predictions --threshold 0.5
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

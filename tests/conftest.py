@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import detrkit
+from detrkit.export import example_inputs
 
 torch.set_num_threads(2)
 
@@ -38,15 +39,7 @@ def randomize_buffers(model: torch.nn.Module, seed: int = 0) -> None:
 
 def padded_batch(sizes=((96, 128), (80, 96)), seed: int = 0):
     """Two images of different sizes, padded bottom/right; returns (images, padding_mask)."""
-    g = torch.Generator().manual_seed(seed)
-    height = max(h for h, _ in sizes)
-    width = max(w for _, w in sizes)
-    images = torch.zeros(len(sizes), 3, height, width)
-    padding_mask = torch.ones(len(sizes), height, width, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
-        padding_mask[i, :h, :w] = False
-    return images, padding_mask
+    return example_inputs(sizes, seed)
 
 
 @pytest.fixture

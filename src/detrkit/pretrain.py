@@ -101,7 +101,7 @@ def pretrain_backbone(
                 objects = valid & (truth < num_classes)
                 hits = (logits.argmax(1)[objects] == truth[objects]).float()
                 accuracy = float(hits.mean()) if len(hits) else recent[-1][1] if recent else 0.0
-            recent = (recent + [(float(loss), accuracy)])[-20:]
+            recent = (recent + [(loss.item(), accuracy)])[-20:]
             if is_main_process() and (step % 50 == 0 or step == steps):
                 log(
                     f"backbone pretraining: step {step}/{steps}, loss {loss.item():.3f}, "

@@ -88,6 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # DC5 models were trained with 1 image per GPU (padding costs them AP).
     "detr-r50-dc5": {"model": {"dilation": True}, "batch_size": 1},
     "detr-r101-dc5": {"model": {"backbone": "resnet101", "dilation": True}, "batch_size": 1},
+    # Found by bench/convergence.py on a 2-core CPU (README, "Convergence on a CPU").
     "cpu-tiny": {
         "model": {
             "backbone": "resnet18",
@@ -101,14 +102,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             # No ImageNet weights offline: the backbone learns from scratch, which frozen
             # (identity) BatchNorm statistics would cripple.
             "frozen_bn": False,
+            # Stride-8 features (ResNet stages 1-2): ~12x15 cells on ~100 px images instead of 3x4.
+            "last_stage": 2,
         },
-        "image_scale": 0.2,
-        "batch_size": 8,
-        "lr": 2e-4,
-        "lr_backbone": 2e-4,  # a randomly initialised backbone must learn as fast as the rest
+        "image_scale": 0.12,
+        "synth_images": 4096,  # unique images matter more than epochs
+        "backbone_pretrain_steps": 800,  # dense pretraining replaces the missing ImageNet weights
+        "batch_size": 16,
+        "lr": 3e-4,
+        "lr_backbone": 1e-4,
         "epochs": 40,
         "lr_drop": 30,
-        "eval_every": 10,
+        "eval_every": 2,
         "num_workers": 0,
     },
 }
