@@ -1,13 +1,13 @@
 # On a fresh machine:
 #   make demo   - create the environment (.venv), then train and evaluate a small DETR on the
-#                 built-in synthetic dataset (a few minutes on a CPU; DEMO_EPOCHS=200 for longer)
+#                 built-in synthetic dataset (10 minutes on a CPU; DEMO_MINUTES=30 for longer)
 #   make test   - create the environment, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: setup test test-slow lint demo clean
 
-DEMO_EPOCHS ?= 40
+DEMO_MINUTES ?= 10
 
 setup:
 	@bash scripts/setup.sh
@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 
 demo: setup
-	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --epochs $(DEMO_EPOCHS)
+	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --time-budget $(DEMO_MINUTES)
 	$(PY) -m detrkit plot runs/demo
 	$(PY) -m detrkit predict runs/demo/synthetic-data/val2017 --weights runs/demo/checkpoint_best.pth \
 		--out runs/demo/predictions --threshold 0.5
