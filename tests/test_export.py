@@ -21,7 +21,10 @@ def mask_model():
 
 def test_onnx_matches_pytorch_on_padded_batches_of_any_size(tmp_path, mask_model):
     ort = pytest.importorskip("onnxruntime")
-    path = export_onnx(mask_model, tmp_path / "detr.onnx")
+    path = export_onnx(mask_model, tmp_path / "export" / "detr.onnx")
+    # One self-contained file: nothing that refers to the temporary name it was written under.
+    assert [p.name for p in path.parent.iterdir()] == ["detr.onnx"]
+    path = path.rename(tmp_path / "moved.onnx")
     # A padded batch of two sizes, then other batch sizes and shapes than the export example.
     diffs = onnx_max_diff(mask_model, path)
     assert set(diffs) == {"pred_logits", "pred_boxes", "pred_masks"}

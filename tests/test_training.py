@@ -344,5 +344,7 @@ def test_backbone_pretraining_stage(tmp_path, data_root):
     assert state["backbone_pretrained"] is True
     # A resumed run does not pretrain again.
     messages.clear()
-    Trainer(TrainConfig(output_dir=cfg.output_dir), resume=True, overrides={"epochs": 2}, log=messages.append).fit()
+    Trainer(
+        TrainConfig(output_dir=cfg.output_dir), resume=True, overrides={"epochs": 2}, log=messages.append
+    ).fit()
     assert not any("backbone pretraining" in m for m in messages)

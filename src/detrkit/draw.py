@@ -77,7 +77,9 @@ def draw_detections(image: Image.Image, detections: Detections, *, alpha: float 
         text = f"{name} {score:.2f}"
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
         y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
-        left, top, right, bottom = draw.textbbox((box[0], y), text, font=font)
+        # Shift the label left when it would run off the right edge (boxes near the border).
+        x = max(0.0, min(box[0], image.width - (right - left) - 2))
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=color)
-        draw.text((box[0], y), text, fill=(0, 0, 0), font=font)
+        draw.text((x, y), text, fill=(0, 0, 0), font=font)
     return image

@@ -9,6 +9,7 @@ evaluation) and ``padding_mask`` Bool[B, H, W] (True on padding); outputs ``pred
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
         import onnxscript  # noqa: F401 - the exporter needs it; say so before it fails deep inside
     except ImportError as e:
         raise ImportError("ONNX export needs the onnx extra: pip install 'detrkit[onnx]'") from e
-    wrapper = ExportWrapper(model.eval().cpu())
+    wrapper = ExportWrapper(model.eval().cpu()).eval()
     images, mask = example_inputs()
     batch = torch.export.Dim("batch", min=1, max=1024)
     # Backbone strides need sizes of at least one feature cell (32 px).
@@ -57,11 +58,20 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
     width = torch.export.Dim("width", min=32, max=8192)
 
     def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            # The exporter notes that images and padding_mask share batch/height/width: intended.
+            warnings.filterwarnings("ignore", message=r".*The axis name: \w+ will not be used")
+            _export(tmp)
+
+    def _export(tmp: str) -> None:
         torch.onnx.export(
             wrapper,
             (images, mask),
             tmp,
             dynamo=True,
+            # One self-contained file: external weights would be named after the temporary file
+            # that atomic_write renames (and DETR R101, ~240 MB, is far below protobuf's 2 GB).
+            external_data=False,
             opset_version=opset,
             input_names=["images", "padding_mask"],
             output_names=wrapper.output_names,
@@ -77,7 +87,7 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
 
 def export_torchscript(model: Detr, path: str | os.PathLike) -> Path:
     """Write ``model`` as a traced TorchScript module (shapes stay dynamic); returns the path."""
-    wrapper = ExportWrapper(model.eval().cpu())
+    wrapper = ExportWrapper(model.eval().cpu()).eval()
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example_inputs(), check_trace=False)
     return atomic_write(path, lambda tmp: torch.jit.save(traced, tmp), suffix=".pt")
@@ -89,7 +99,7 @@ def onnx_max_diff(model: Detr, path: str | os.PathLike, sizes=((120, 90), (72, 1
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images, mask = example_inputs(sizes, seed=1)
-    wrapper = ExportWrapper(model.eval().cpu())
+    wrapper = ExportWrapper(model.eval().cpu()).eval()
     with torch.no_grad():
         expected = wrapper(images, mask)
     got = session.run(None, {"images": images.numpy(), "padding_mask": mask.numpy()})
