@@ -24,6 +24,17 @@ def tiny_config(**overrides) -> detrkit.DetrConfig:
     return detrkit.DetrConfig(**base)
 
 
+def shapes_config(**overrides) -> detrkit.DetrConfig:
+    """`tiny_config` with the synthetic dataset's classes, at the scale of its ~150 px images."""
+    base = dict(
+        class_names=("rectangle", "ellipse", "triangle", "diamond"),
+        category_ids=(1, 2, 4, 7),
+        extra={"image_scale": 0.15},
+    )
+    base.update(overrides)
+    return tiny_config(**base)
+
+
 def randomize_buffers(model: torch.nn.Module, seed: int = 0) -> None:
     """Frozen BatchNorm buffers start as identity; make them random so parity tests see them."""
     g = torch.Generator().manual_seed(seed)

@@ -5,18 +5,14 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 import detrkit
-from conftest import tiny_config
+from conftest import shapes_config, tiny_config
 from detrkit.data import SynthConfig, TransformConfig, eval_transforms, make_synthetic
 
 
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(0)
-    config = tiny_config(
-        class_names=("rectangle", "ellipse", "triangle", "diamond"),
-        category_ids=(1, 2, 4, 7),
-        extra={"image_scale": 0.15},
-    )
+    config = shapes_config()
     return detrkit.Detector(detrkit.build_model(config), device="cpu")
 
 

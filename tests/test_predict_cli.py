@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import detrkit
-from conftest import tiny_config
+from conftest import shapes_config, tiny_config
 from detrkit.cli import main
 from detrkit.data import SynthConfig, make_synthetic
 from detrkit.data.coco import rgb_to_id
@@ -19,11 +19,7 @@ from detrkit.data.coco import rgb_to_id
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     torch.manual_seed(0)
-    config = tiny_config(
-        class_names=("rectangle", "ellipse", "triangle", "diamond"),
-        category_ids=(1, 2, 4, 7),
-        extra={"image_scale": 0.15},
-    )
+    config = shapes_config()
     path = tmp_path_factory.mktemp("w") / "model.safetensors"
     detrkit.save_model(detrkit.build_model(config), path)
     return path

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import detrkit
-from conftest import tiny_config
+from conftest import shapes_config
 from detrkit.data import SynthConfig, make_synthetic
 
 httpx = pytest.importorskip("httpx")
@@ -31,11 +31,7 @@ def picture():
 @pytest.fixture(scope="module")
 def server():
     torch.manual_seed(0)
-    config = tiny_config(
-        class_names=("rectangle", "ellipse", "triangle", "diamond"),
-        category_ids=(1, 2, 4, 7),
-        extra={"image_scale": 0.15},
-    )
+    config = shapes_config()
     detector = detrkit.Detector(detrkit.build_model(config), device="cpu", batch_size=8)
     app = create_app(
         detector, ServeConfig(threshold=0.0, max_bytes=200_000, max_pixels=1_000_000, max_batch=8)
