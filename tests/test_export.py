@@ -42,7 +42,10 @@ def test_onnx_matches_pytorch_on_padded_batches_of_any_size(tmp_path, mask_model
 
 
 def test_torchscript_keeps_shapes_dynamic(tmp_path, tiny_model):
+    tiny_model.train()
     path = export_torchscript(tiny_model, tmp_path / "detr.pt")
+    assert tiny_model.training, "export works on a copy: the caller's model keeps its mode and device"
+    tiny_model.eval()
     loaded = torch.jit.load(str(path))
     images, mask = example_inputs(((50, 90), (90, 40), (64, 64)), seed=3)
     with torch.no_grad():

@@ -36,6 +36,8 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, pictures, capsys):
     pictures[0].save(folder / "a.jpg")
     pictures[1].save(folder / "sub" / "b.png")
     pictures[2].save(folder / "sub" / "a.jpg")  # same name in another folder: no clash
+    pictures[2].save(folder / "a.png")  # same stem as a.jpg: written as a-2
+    Image.new("RGB", (3000, 1), "white").save(folder / "strip.png")  # resizes to 1 px high
     (folder / "broken.jpg").write_text("not an image")
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not an image suffix")
@@ -59,20 +61,24 @@ def test_folder_with_good_and_bad_files(tmp_path, weights, pictures, capsys):
     for name in ("broken.jpg", "empty.png", "missing.jpg", "clip.mp4"):
         assert name in captured.err
     assert "notes.txt" not in captured.err
-    assert "3 images" in captured.out and "4 failed" in captured.out
+    assert "5 images" in captured.out and "4 failed" in captured.out
     # ... but every good image was written.
     images = json.loads((out / "images.json").read_text())
     assert sorted(i["file_name"] for i in images) == sorted(
-        str(p) for p in (folder / "a.jpg", folder / "sub" / "b.png", folder / "sub" / "a.jpg")
+        str(folder / p) for p in ("a.jpg", "a.png", "strip.png", "sub/b.png", "sub/a.jpg")
     )
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 3 * 7  # threshold 0: every query of the tiny model
+    assert len(results) == 5 * 7  # threshold 0: every query of the tiny model
     assert {r["category_id"] for r in results} <= {1, 2, 4, 7}
     assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in results)
-    for rel in ("in/a.jpg", "in/sub/b.jpg", "in/sub/a.jpg"):
-        drawn = Image.open(out / "annotated" / rel)
-        original = tmp_path / rel.replace("sub/b.jpg", "sub/b.png")
-        assert drawn.size == Image.open(original).size
+    for drawn_name, original in (
+        ("in/a.jpg", "in/a.jpg"),
+        ("in/a-2.jpg", "in/a.png"),
+        ("in/sub/b.jpg", "in/sub/b.png"),
+        ("in/sub/a.jpg", "in/sub/a.jpg"),
+        ("in/strip.jpg", "in/strip.png"),
+    ):
+        assert Image.open(out / "annotated" / drawn_name).size == Image.open(tmp_path / original).size
 
 
 def test_all_good_exits_zero(tmp_path, weights, pictures):

@@ -100,6 +100,34 @@ def test_limits_and_bad_uploads(server):
     assert cut.status_code == 415
     missing = httpx.post(url + "/v1/detect")
     assert missing.status_code == 422
+    strip = httpx.post(  # 1 x 3000: resizes to a 1-pixel-high input, still answered
+        url + "/v1/detect", files={"image": ("strip.png", _png(Image.new("RGB", (3000, 1))), "image/png")}
+    )
+    assert strip.status_code == 200, strip.text
+
+
+def test_oversized_upload_without_content_length_is_cut_off(server):
+    url, _ = server
+
+    def body():  # chunked transfer: no Content-Length for the server to check up front
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+        for _ in range(200):  # 200 x 64 KiB = 12.5 MiB, far over the 200 kB limit
+            yield b"\0" * 65536
+        yield b"\r\n--b--\r\n"
+
+    try:
+        response = httpx.post(
+            url + "/v1/detect",
+            content=body(),
+            headers={"content-type": "multipart/form-data; boundary=b"},
+            timeout=30,
+        )
+    except httpx.TransportError:  # the server may close the connection while we still send
+        response = None
+    if response is not None:
+        # Answered by the body counter, not after the multipart parser spooled it all to disk.
+        assert response.status_code == 413 and response.json()["detail"].startswith("upload is larger")
+    assert httpx.get(url + "/healthz").status_code == 200
 
 
 def test_twenty_concurrent_requests_are_all_answered(server, picture):

@@ -83,6 +83,7 @@ def _to_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"tensor images must be Tensor[3, H, W], got shape {tuple(image.shape)}")
+        image = image.detach().cpu()
         if image.dtype == torch.uint8:
             return TF.to_pil_image(image)
         if image.is_floating_point():
@@ -105,6 +106,8 @@ class Detector:
     def __init__(self, model: Detr, *, device: str | torch.device | None = None, batch_size: int = 4) -> None:
         self.device = pick_device("auto") if device is None else torch.device(device)
         self.model = model.to(self.device).eval()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
         self.batch_size = batch_size
         config = model.config
         self.sizes = TransformConfig.scaled(float(config.extra.get("image_scale", 1.0)))
@@ -152,6 +155,16 @@ class Detector:
         ``"semantic"``, None (boxes only) or ``"auto"`` (:attr:`default_segmentation`). Panoptic
         segments are the queries whose class probability exceeds ``panoptic_threshold``.
         """
+        segmentation = self._segmentation_mode(segmentation)
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        # One image at a time: only the resized tensors are kept, not every full-size picture.
+        prepared = [self.prepare(_to_pil(item)) for item in items]
+        return self.predict_prepared(
+            prepared, threshold, segmentation=segmentation, panoptic_threshold=panoptic_threshold
+        )
+
+    def _segmentation_mode(self, segmentation: str | None) -> str | None:
         if segmentation == "auto":
             segmentation = self.default_segmentation
         if segmentation not in (None, "instance", "panoptic", "semantic"):
@@ -160,12 +173,28 @@ class Detector:
             )
         if segmentation is not None and not self.model.config.masks:
             raise ValueError(f"segmentation={segmentation!r} needs a model with a mask head (masks=True)")
+        return segmentation
+
+    def prepare(self, image: Image.Image) -> tuple[Tensor, tuple[int, int]]:
+        """``(preprocess(image), (height, width))``: what :meth:`predict_prepared` needs of an image."""
+        return self.preprocess(image), (image.height, image.width)
+
+    @torch.inference_mode()
+    def predict_prepared(
+        self,
+        prepared: Sequence[tuple[Tensor, tuple[int, int]]],
+        threshold: float = 0.7,
+        *,
+        segmentation: str | None = "auto",
+        panoptic_threshold: float = 0.85,
+    ) -> list[Detections]:
+        """:meth:`predict` on images already passed through :meth:`prepare` (e.g. in another
+        thread, as the server does, so that full-size pictures need not wait in a queue)."""
+        segmentation = self._segmentation_mode(segmentation)
         self._post_panoptic.threshold = panoptic_threshold
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        pils = [_to_pil(item) for item in items]
-        inputs = [self.preprocess(p) for p in pils]
-        results: list[Detections | None] = [None] * len(items)
+        inputs = [tensor for tensor, _ in prepared]
+        original = [size for _, size in prepared]
+        results: list[Detections | None] = [None] * len(prepared)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for index, tensor in enumerate(inputs):
             by_shape.setdefault(tuple(tensor.shape[-2:]), []).append(index)
@@ -174,7 +203,7 @@ class Detector:
                 chunk = indices[start : start + self.batch_size]
                 batch, _ = pad_images([inputs[i] for i in chunk])  # same size: no padding
                 outputs = self.model(batch.to(self.device))
-                orig = torch.tensor([[pils[i].height, pils[i].width] for i in chunk], device=self.device)
+                orig = torch.tensor([list(original[i]) for i in chunk], device=self.device)
                 found = self._post(outputs, orig)
                 sizes = torch.tensor([list(inputs[i].shape[-2:]) for i in chunk], device=self.device)
                 if segmentation == "instance":

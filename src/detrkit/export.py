@@ -8,6 +8,7 @@ evaluation) and ``padding_mask`` Bool[B, H, W] (True on padding); outputs ``pred
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -44,13 +45,18 @@ def example_inputs(sizes=((96, 128), (80, 96)), seed: int = 0) -> tuple[Tensor, 
     return images, mask
 
 
+def _cpu_copy(model: Detr) -> Detr:
+    """An eval-mode copy on the CPU, so that exporting leaves the caller's model (device, mode) alone."""
+    return copy.deepcopy(model).cpu().eval()
+
+
 def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Path:
     """Write ``model`` as ONNX with dynamic batch, height and width; returns the path."""
     try:
         import onnxscript  # noqa: F401 - the exporter needs it; say so before it fails deep inside
     except ImportError as e:
         raise ImportError("ONNX export needs the onnx extra: pip install 'detrkit[onnx]'") from e
-    wrapper = ExportWrapper(model.eval().cpu()).eval()
+    wrapper = ExportWrapper(_cpu_copy(model)).eval()
     images, mask = example_inputs()
     batch = torch.export.Dim("batch", min=1, max=1024)
     # Backbone strides need sizes of at least one feature cell (32 px).
@@ -87,7 +93,7 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
 
 def export_torchscript(model: Detr, path: str | os.PathLike) -> Path:
     """Write ``model`` as a traced TorchScript module (shapes stay dynamic); returns the path."""
-    wrapper = ExportWrapper(model.eval().cpu()).eval()
+    wrapper = ExportWrapper(_cpu_copy(model)).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # What the tracer freezes is harmless here: the input checks (true for any valid input)
         # and the loop over auxiliary decoder layers (fixed by the architecture).
@@ -102,7 +108,7 @@ def onnx_max_diff(model: Detr, path: str | os.PathLike, sizes=((120, 90), (72, 1
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images, mask = example_inputs(sizes, seed=1)
-    wrapper = ExportWrapper(model.eval().cpu()).eval()
+    wrapper = ExportWrapper(_cpu_copy(model)).eval()
     with torch.no_grad():
         expected = wrapper(images, mask)
     got = session.run(None, {"images": images.numpy(), "padding_mask": mask.numpy()})

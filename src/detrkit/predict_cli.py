@@ -28,22 +28,39 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
 
-def collect_inputs(sources: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
-    """Files to process as ``(path, path relative to its input for output names)``, plus
-    ``(source, reason)`` for inputs that do not exist. Folders are searched recursively for image
-    and video files; files named explicitly are always tried."""
+def collect_inputs(
+    sources: list[str], exclude: Path | None = None
+) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """Files to process as ``(path, output name)``, plus ``(source, reason)`` for inputs that do
+    not exist. Folders are searched recursively for image and video files (skipping ``exclude``,
+    the output folder, so a second run does not read its own pictures); files named explicitly are
+    always tried. Output names mirror the inputs (``folder/sub/a.jpg``) without their suffix, and
+    are made unique (``a-2``) where two inputs would otherwise write the same outputs."""
     found, missing = [], []
+    exclude = exclude.resolve() if exclude is not None else None
     for source in sources:
         path = Path(source)
         if path.is_dir():
+            top = Path(path.resolve().name or "root")  # "." and ".." name their real folder
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                if exclude is not None and file.resolve().is_relative_to(exclude):
+                    continue
                 if file.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                    found.append((file, Path(path.name) / file.relative_to(path)))
+                    found.append((file, top / file.relative_to(path).with_suffix("")))
         elif path.is_file():
-            found.append((path, Path(path.name)))
+            found.append((path, Path(path.stem)))
         else:
             missing.append((source, "no such file or directory"))
-    return found, missing
+    used: set[str] = set()
+    unique = []
+    for file, name in found:
+        candidate, k = name, 1
+        while candidate.as_posix().lower() in used:
+            k += 1
+            candidate = name.with_name(f"{name.name}-{k}")
+        used.add(candidate.as_posix().lower())
+        unique.append((file, candidate))
+    return unique, missing
 
 
 def _progress(done: int, total: int, start: float, failed: int) -> None:
@@ -89,7 +106,7 @@ class Writer:
                 entry["segmentation"] = rle
             self.results.append(entry)
         if det.segments is not None:
-            png_name = name.with_suffix(".png").as_posix().replace("/", "__")
+            png_name = name.as_posix().replace("/", "__") + ".png"
             data = png_bytes(det.segments)
             atomic_write(self.out / "panoptic" / png_name, lambda tmp: Path(tmp).write_bytes(data))
             self.panoptic.append(
@@ -99,7 +116,7 @@ class Writer:
             from .draw import draw_detections
 
             picture = draw_detections(image, det)
-            target = self.out / "annotated" / name.with_suffix(".jpg")
+            target = self.out / "annotated" / f"{name.as_posix()}.jpg"
             atomic_write(target, lambda tmp: picture.save(tmp, format="JPEG", quality=90))
 
     def finish(self) -> None:
@@ -132,9 +149,15 @@ def _image_batches(files: list[tuple[Path, Path]], batch_size: int, failures: li
         yield batch
 
 
-def predict_video(detector, path: Path, out: Path, *, threshold: float, segmentation, batch_size: int) -> int:
-    """Annotated copy of a video (same frame rate, MPEG-4) and its detections per frame; returns the
-    number of frames."""
+class VideoError(Exception):
+    """A video file that can be opened but not processed (e.g. no video stream)."""
+
+
+def predict_video(
+    detector, path: Path, out: Path, name: Path, *, threshold: float, segmentation, batch_size: int
+) -> int:
+    """Annotated copy of a video (same frame rate, MPEG-4) as ``out/NAME.annotated.mp4`` and its
+    detections per frame as ``out/NAME.frames.json``; returns the number of frames."""
     import av
 
     from .draw import draw_detections
@@ -143,6 +166,8 @@ def predict_video(detector, path: Path, out: Path, *, threshold: float, segmenta
 
     def encode(tmp: str) -> None:
         with av.open(str(path)) as source, av.open(tmp, mode="w", format="mp4") as sink:
+            if not source.streams.video:
+                raise VideoError("no video stream")
             stream_in = source.streams.video[0]
             stream_out = sink.add_stream("mpeg4", rate=stream_in.average_rate or 25)
             stream_out.width = stream_in.codec_context.width // 2 * 2  # yuv420p needs even sizes
@@ -171,8 +196,8 @@ def predict_video(detector, path: Path, out: Path, *, threshold: float, segmenta
             for packet in stream_out.encode():
                 sink.mux(packet)
 
-    atomic_write(out / f"{path.stem}.annotated.mp4", encode, suffix=".mp4")
-    write_json_atomic(out / f"{path.stem}.frames.json", frames_json)
+    atomic_write(out / f"{name.as_posix()}.annotated.mp4", encode, suffix=".mp4")
+    write_json_atomic(out / f"{name.as_posix()}.frames.json", frames_json)
     return len(frames_json)
 
 
@@ -180,7 +205,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .detector import Detector
 
     out = Path(args.out)
-    files, missing = collect_inputs(args.inputs)
+    files, missing = collect_inputs(args.inputs, exclude=out)
     failures: list[tuple[str, str]] = list(missing)
     for source, reason in missing:
         print(f"detrkit predict: skipping {source}: {reason}", file=sys.stderr)
@@ -196,27 +221,43 @@ def run_predict(args: argparse.Namespace) -> int:
         else (None if args.segmentation == "none" else args.segmentation)
     )
     writer = Writer(out, detector, draw=not args.no_draw)
-    start, done = time.perf_counter(), 0
-    for batch in _image_batches(images, args.batch_size, failures):
-        found = detector.predict([image for _, _, image in batch], args.threshold, segmentation=segmentation)
+    start = time.perf_counter()
+
+    def predict(batch: list) -> None:
+        try:
+            found = detector.predict(
+                [image for _, _, image in batch], args.threshold, segmentation=segmentation
+            )
+        except Exception as e:  # noqa: BLE001 - one image must not cost the others their results
+            if len(batch) > 1:
+                for item in batch:
+                    predict([item])
+                return
+            path = batch[0][0]
+            failures.append((str(path), f"{type(e).__name__}: {e}"))
+            print(f"detrkit predict: skipping {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return
         for (path, name, image), det in zip(batch, found, strict=True):
             writer.add(path, name, image, det)
-        done += len(batch)
-        _progress(done, len(images), start, len(failures))
+
+    for batch in _image_batches(images, args.batch_size, failures):
+        predict(batch)
+        _progress(len(writer.images) + len(failures) - len(missing), len(images), start, len(failures))
     writer.finish()
     frames = 0
-    for path, _ in videos:
+    for path, name in videos:
         try:
             frames += predict_video(
                 detector,
                 path,
                 out,
+                name,
                 threshold=args.threshold,
                 segmentation=segmentation,
                 batch_size=args.batch_size,
             )
         except Exception as e:  # noqa: BLE001 - any decoding failure: report the file, keep going
-            if type(e).__module__.split(".")[0] != "av":
+            if not isinstance(e, VideoError) and type(e).__module__.split(".")[0] != "av":
                 raise
             failures.append((str(path), str(e)))
             print(f"detrkit predict: skipping {path}: {e}", file=sys.stderr)
@@ -232,6 +273,17 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="detect objects in images, folders or videos")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or video files")
@@ -244,7 +296,7 @@ def add_parser(sub) -> None:
         default="auto",
         help="for mask models (default: panoptic if the model has stuff classes, else instance)",
     )
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
     p.add_argument("--no-draw", action="store_true", help="do not write annotated pictures")
     p.set_defaults(func=run_predict)

@@ -9,7 +9,9 @@
 
 Requests are queued and run in small batches by one worker, so concurrent uploads share the model
 without running out of memory: at most ``max_batch`` images are in the model at once and at most
-``max_queue`` wait.
+``max_queue`` wait, each already resized to the model's input size (the full-size picture is decoded
+and resized in a thread, then dropped). Request bodies are counted as they arrive: an upload over
+the limit is refused with 413 without being read to the end, with or without a Content-Length.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from PIL import Image
 
 try:
     # Module level: FastAPI reads the endpoints' (string) annotations in this module's namespace.
-    from fastapi import FastAPI, HTTPException, Query, Request, UploadFile
+    from fastapi import FastAPI, HTTPException, Query, UploadFile
     from fastapi.responses import HTMLResponse
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("the server needs the serve extra: pip install 'detrkit[serve]'") from e
 
 from .data.images import ImageLoadError, decode_image
 from .detector import Detector
+
+# Room for the multipart envelope around the file itself.
+_MULTIPART_OVERHEAD = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,24 @@ class _Batcher:
         if self.task is not None:
             self.task.cancel()
 
-    async def submit(self, image: Image.Image, threshold: float):
+    def full(self) -> bool:
+        return self.queue.full()
+
+    async def submit(self, prepared, threshold: float):
+        """Queue one ``Detector.prepare`` output; raises ``asyncio.QueueFull`` (-> 503) when full."""
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((image, threshold, future))  # QueueFull -> 503 upstream
+        self.queue.put_nowait((prepared, threshold, future))
         return await future
+
+    def _predict(self, group: list, threshold: float) -> list:
+        """Results (or exceptions) for ``group``; after a failure, each image alone, so that one bad
+        image costs only its own request."""
+        try:
+            return self.detector.predict_prepared([p for p, _, _ in group], threshold, segmentation=None)
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request(s)
+            if len(group) == 1:
+                return [e]
+            return [self._predict([item], threshold)[0] for item in group]
 
     async def _run(self) -> None:
         while True:
@@ -75,18 +94,77 @@ class _Batcher:
             for item in items:
                 by_threshold.setdefault(item[1], []).append(item)
             for threshold, group in by_threshold.items():
-                try:
-                    results = await asyncio.to_thread(
-                        self.detector.predict, [image for image, _, _ in group], threshold, segmentation=None
-                    )
-                except Exception as e:  # noqa: BLE001 - hand the failure to every waiting request
-                    for _, _, future in group:
-                        if not future.done():
-                            future.set_exception(e)
-                    continue
+                results = await asyncio.to_thread(self._predict, group, threshold)
                 for (_, _, future), result in zip(group, results, strict=True):
-                    if not future.done():
+                    if future.done():  # the client went away
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
                         future.set_result(result)
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes on ``path``, decided from the
+    Content-Length header when there is one and by counting the body as it arrives otherwise, so an
+    oversized upload is never read (or spooled to disk by the multipart parser) to its end."""
+
+    def __init__(self, app, path: str, limit: int) -> None:
+        self.app, self.path, self.limit = app, path, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        too_large = JSONResponse(
+            {"detail": f"upload is larger than the {self.limit - _MULTIPART_OVERHEAD}-byte limit"},
+            status_code=413,
+        )
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        received, answered = 0, False
+
+        async def counting_receive():
+            nonlocal received, answered
+            message = await receive()
+            if message["type"] == "http.request" and not answered:
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    answered = True
+                    await too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}  # the app stops reading; its reply is dropped
+            return message
+
+        async def guarded_send(message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+def _decode(data: bytes, filename: str, max_pixels: int, detector: Detector):
+    """Upload bytes -> ``detector.prepare(picture)``, or an HTTPException (400 / 415). Runs in a
+    worker thread: decoding a large image must not stall the event loop."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError:
+        raise HTTPException(400, f"{filename}: too many pixels; the limit is {max_pixels}") from None
+    except Exception:  # noqa: BLE001 - PIL raises several types for non-images
+        raise HTTPException(415, f"{filename}: not an image Pillow can read") from None
+    if width * height > max_pixels:
+        raise HTTPException(
+            400, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    try:
+        picture = decode_image(io.BytesIO(data), filename)
+    except ImageLoadError as e:
+        raise HTTPException(415, f"{filename}: {e.reason}") from None
+    return detector.prepare(picture)
 
 
 def create_app(detector: Detector, config: ServeConfig | None = None):
@@ -101,6 +179,7 @@ def create_app(detector: Detector, config: ServeConfig | None = None):
         await batcher.stop()
 
     app = FastAPI(title="detrkit", lifespan=lifespan)
+    app.add_middleware(_BodyLimit, path="/v1/detect", limit=config.max_bytes + _MULTIPART_OVERHEAD)
     page = resources.files("detrkit").joinpath("static/index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse)
@@ -119,30 +198,20 @@ def create_app(detector: Detector, config: ServeConfig | None = None):
 
     @app.post("/v1/detect")
     async def detect(
-        request: Request, image: UploadFile, threshold: float | None = Query(default=None, ge=0.0, le=1.0)
+        image: UploadFile, threshold: float | None = Query(default=None, ge=0.0, le=1.0)
     ) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload is {int(length)} bytes; the limit is {config.max_bytes}")
         data = await image.read(config.max_bytes + 1)
         if len(data) > config.max_bytes:
             raise HTTPException(413, f"image is larger than the {config.max_bytes}-byte limit")
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-        except Exception:  # noqa: BLE001 - PIL raises several types for non-images
-            raise HTTPException(415, f"{image.filename or 'upload'}: not an image Pillow can read") from None
-        if width * height > config.max_pixels:
-            raise HTTPException(
-                400, f"image is {width}x{height} = {width * height} pixels; the limit is {config.max_pixels}"
-            )
-        try:
-            picture = decode_image(io.BytesIO(data), image.filename or "upload")
-        except ImageLoadError as e:
-            raise HTTPException(415, f"{image.filename or 'upload'}: {e.reason}") from None
+        if batcher.full():  # before decoding: a busy server should not also hold the picture
+            raise HTTPException(503, "server busy: too many queued requests, retry shortly")
+        filename = image.filename or "upload"
+        prepared = await asyncio.to_thread(_decode, data, filename, config.max_pixels, detector)
+        del data
+        height, width = prepared[1]  # after EXIF orientation, the frame the boxes are in
         start = time.perf_counter()
         try:
-            result = await batcher.submit(picture, config.threshold if threshold is None else threshold)
+            result = await batcher.submit(prepared, config.threshold if threshold is None else threshold)
         except asyncio.QueueFull:
             raise HTTPException(503, "server busy: too many queued requests, retry shortly") from None
         return {

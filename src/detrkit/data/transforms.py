@@ -77,7 +77,8 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            # At least a pixel: a 1x3000 strip would otherwise round to nothing.
+            size = max(1, int(round(max_size * short / long)))
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     # The original can overshoot max_size by a pixel through the rounding above; cap it.
