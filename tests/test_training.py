@@ -2,6 +2,7 @@
 non-finite losses, fine-tuning, evaluation, plotting."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import detrkit.cli
 from detrkit.checkpoints import torch_load_safe
 from detrkit.data import SynthConfig, write_synthetic
 from detrkit.engine import TrainingError
+from detrkit.errors import ConfigError
 from detrkit.train_config import TrainConfig, build_config
 from detrkit.trainer import BEST, LAST, METRICS, Trainer
 
@@ -348,3 +350,33 @@ def test_backbone_pretraining_stage(tmp_path, data_root):
         TrainConfig(output_dir=cfg.output_dir), resume=True, overrides={"epochs": 2}, log=messages.append
     ).fit()
     assert not any("backbone pretraining" in m for m in messages)
+
+
+def test_backbone_pretraining_never_overwrites_trained_weights(tmp_path, data_root):
+    # A run that trained without the stage, resumed with it switched on, keeps its weights.
+    cfg = tiny(tmp_path, data_root, epochs=1, eval_every=0)
+    Trainer(cfg, log=lambda m: None).fit()
+    messages = []
+    Trainer(
+        TrainConfig(output_dir=cfg.output_dir),
+        resume=True,
+        overrides={"epochs": 2, "backbone_pretrain_steps": 3},
+        log=messages.append,
+    ).fit()
+    assert any("backbone pretraining skipped: DETR training has already started" in m for m in messages)
+    assert not any("backbone pretraining: step" in m for m in messages)
+    with pytest.raises(ConfigError, match="backbone_pretrain_steps=-1"):
+        tiny(tmp_path, data_root, backbone_pretrain_steps=-1)
+
+
+def test_backbone_pretraining_needs_masks(tmp_path, data_root):
+    root = tmp_path / "boxes-only"
+    shutil.copytree(data_root, root)
+    path = root / "annotations" / "instances_train2017.json"
+    coco = json.loads(path.read_text())
+    for annotation in coco["annotations"]:
+        annotation["segmentation"] = []  # as in many box-only exports
+    path.write_text(json.dumps(coco))
+    cfg = tiny(tmp_path, root, epochs=1, backbone_pretrain_steps=3, eval_every=0)
+    with pytest.raises(ConfigError, match="needs instance masks.*have no segmentation"):
+        Trainer(cfg, log=lambda m: None).fit()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .predict_cli import positive_int
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--panoptic", action="store_true", help="PQ on COCO panoptic annotations (panoptic models)"
     )
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--image-scale", type=float, default=None, help="default: what the model was trained with")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=2)
@@ -241,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threshold", type=float, default=0.7, help="default score threshold")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (413 above)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted (400 above)")
-    p.add_argument("--max-batch", type=int, default=8, help="images run through the model together")
+    p.add_argument(
+        "--max-pixels", type=positive_int, default=40_000_000, help="largest image accepted (400 above)"
+    )
+    p.add_argument("--max-batch", type=positive_int, default=8, help="images run through the model together")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
     p.set_defaults(func=_cmd_serve)
 

@@ -58,7 +58,9 @@ def run_eval(args: argparse.Namespace) -> int:
         categories = json.loads(ann.read_text()).get("categories", [])
         cmap = model_category_map(model.config, categories)
         dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
-        evaluator = PanopticEvaluator(dataset.isthing, dataset.ground_truth, cmap.category_ids)
+        # The model may predict categories the file does not list: take theirs from the model.
+        isthing = {**dict(zip(model.config.label_ids, model.config.is_thing)), **dataset.isthing}
+        evaluator = PanopticEvaluator(isthing, dataset.ground_truth, cmap.category_ids)
     else:
         ann, images = resolve_split(root, args.split)
         categories = json.loads(ann.read_text()).get("categories", [])

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data.coco import DatasetError
 from .data.collate import Batch
 from .distributed import is_dist, is_main_process
 from .model import Detr
@@ -82,9 +83,11 @@ def pretrain_backbone(
     start, step, epoch = time.perf_counter(), 0, 0
     recent: list[tuple[float, float]] = []
     while step < steps:
+        used = 0
         for batch in batches(epoch):
             if len(batch) == 0:
                 continue
+            used += 1
             batch = batch.to(device)
             logits, mask = net(batch.images, batch.padding_mask)
             features = logits
@@ -109,6 +112,9 @@ def pretrain_backbone(
                 )
             if step >= steps:
                 break
+        if not used:
+            # Every image failed to load (e.g. a wrong image folder): say so instead of looping forever.
+            raise DatasetError("backbone pretraining: no training image could be loaded in a whole epoch")
         epoch += 1
     return {
         "loss": sum(v for v, _ in recent) / max(len(recent), 1),

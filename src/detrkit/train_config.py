@@ -66,6 +66,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be at least 1")
+        if self.backbone_pretrain_steps < 0:
+            raise ConfigError(f"backbone_pretrain_steps={self.backbone_pretrain_steps}: must be 0 or more")
         if self.image_scale <= 0:
             raise ConfigError(f"image_scale={self.image_scale}: must be positive")
         model_fields = {f.name for f in dataclasses.fields(DetrConfig)}

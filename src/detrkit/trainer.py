@@ -366,8 +366,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         val_loader = self._val_loader()
         if self.config.panoptic:
+            # Categories the validation file does not list can still be predicted: know them all.
+            isthing = {**self.train_set.isthing, **self.val_set.isthing}
             evaluator = PanopticEvaluator(
-                self.val_set.isthing, self.val_set.ground_truth, self.val_set.category_map.category_ids
+                isthing, self.val_set.ground_truth, self.val_set.category_map.category_ids
             )
         else:
             iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
@@ -377,9 +379,35 @@ class Trainer:
             model, val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
         )
 
+    def _no_pretraining_reason(self) -> str | None:
+        """Why the dense pretraining stage must not run here (it replaces a *missing* initialisation
+        of a backbone DETR has not trained yet), or None."""
+        cfg = self.config
+        if self.state.epoch or self.state.step:
+            return "DETR training has already started (resumed run); it would overwrite trained weights"
+        if cfg.init_from:
+            return f"the weights come from {cfg.init_from}"
+        if self.model.config.pretrained_backbone:
+            return "the backbone has ImageNet weights"
+        if cfg.freeze_backbone or not self.model.config.train_backbone:
+            return "the backbone is frozen"
+        return None
+
     def _pretrain_backbone(self) -> None:
         cfg = self.config
         dataset = self._mask_train_set()
+        unmasked = [
+            a.get("id")
+            for a in dataset.data["annotations"]
+            if not a.get("iscrowd") and not a.get("segmentation") and "segments_info" not in a
+        ]
+        if unmasked:
+            shown = ", ".join(str(i) for i in unmasked[:5]) + (", ..." if len(unmasked) > 5 else "")
+            raise ConfigError(
+                f"backbone_pretrain_steps={cfg.backbone_pretrain_steps} needs instance masks, but "
+                f"{len(unmasked)} annotation(s) in {dataset.source} have no segmentation (ids {shown}); "
+                "set backbone_pretrain_steps=0 for box-only data"
+            )
         self.log(
             f"backbone pretraining: {cfg.backbone_pretrain_steps} steps of dense classification "
             f"on {len(dataset)} images (lr {cfg.backbone_pretrain_lr:g})"
@@ -418,7 +446,11 @@ class Trainer:
         metrics: dict[str, float] = {}
         began = time.time()
         if cfg.backbone_pretrain_steps and not self.state.backbone_pretrained:
-            self._pretrain_backbone()
+            reason = self._no_pretraining_reason()
+            if reason is None:
+                self._pretrain_backbone()
+            else:
+                self.log(f"backbone pretraining skipped: {reason}")
 
         def out_of_budget() -> bool:
             return cfg.time_budget is not None and time.time() - began >= 60 * cfg.time_budget
