@@ -380,3 +380,25 @@ def test_backbone_pretraining_needs_masks(tmp_path, data_root):
     cfg = tiny(tmp_path, root, epochs=1, backbone_pretrain_steps=3, eval_every=0)
     with pytest.raises(ConfigError, match="needs instance masks.*have no segmentation"):
         Trainer(cfg, log=lambda m: None).fit()
+
+
+def test_dense_pretraining_targets_follow_the_feature_grid():
+    from detrkit.data.collate import Batch
+    from detrkit.pretrain import dense_targets
+
+    masks = torch.zeros(2, 20, 20, dtype=torch.bool)
+    masks[0, 16:20, 0:8] = True  # class 1: the top half of cell (2, 0), whose bottom half is outside
+    masks[1, 16:20, 0:8] = True  # class 0 on the very same pixels: overlap is scaled down
+    masks[1, 0:8, 8:12] = True  # ... and half of cell (0, 1)
+    batch = Batch(
+        torch.zeros(1, 3, 20, 20),
+        torch.zeros(1, 20, 20, dtype=torch.bool),
+        [{"masks": masks, "labels": torch.tensor([1, 0])}],
+    )
+    t = dense_targets(batch, num_classes=2, size=(3, 3), stride=8)[0]  # cells of 8 px: 24 > 20
+    assert t.shape == (3, 3, 3)
+    assert torch.allclose(t[:, 2, 0], torch.tensor([0.25, 0.25, 0.0]))  # 0.5 of the cell is image
+    assert torch.allclose(t[:, 2, 1], torch.tensor([0.0, 0.0, 0.5]))
+    assert torch.allclose(t[:, 0, 1], torch.tensor([0.5, 0.0, 0.5]))
+    assert torch.allclose(t[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.allclose(t[:, 2, 2], torch.tensor([0.0, 0.0, 0.25]))  # a quarter inside the image

@@ -26,17 +26,35 @@ from .model import Detr
 BACKGROUND_WEIGHT = 0.2
 
 
-def dense_targets(batch: Batch, num_classes: int, size: tuple[int, int]) -> Tensor:
-    """Per feature cell, the fraction covered by each class (and background, last): Tensor[B, K+1, h, w]."""
-    height, width = batch.images.shape[-2:]
-    cover = torch.zeros(len(batch.targets), num_classes + 1, height, width, device=batch.images.device)
+def dense_targets(batch: Batch, num_classes: int, size: tuple[int, int], stride: int) -> Tensor:
+    """Per feature cell, the fraction of it covered by each class (and background, last).
+
+    Cell ``(i, j)`` of a stride-``s`` feature map stands for pixels ``[s*i, s*(i+1)) x [s*j, s*(j+1))``
+    (ResNet's grid, which may reach past the image), so masks are padded to whole cells and averaged
+    per cell. Where objects overlap, class fractions are scaled to sum to the covered part.
+
+    Returns Tensor[B, K+1, h, w] for ``size == (h, w)``; cells wholly outside the image are all zero.
+    """
+    h_cells, w_cells = size
+    out = torch.zeros(len(batch.targets), num_classes + 1, h_cells, w_cells, device=batch.images.device)
+
+    def per_cell(pixels: Tensor) -> Tensor:  # Float[N, H, W] -> Float[N, h, w]
+        pad_h, pad_w = h_cells * stride - pixels.shape[-2], w_cells * stride - pixels.shape[-1]
+        pixels = F.pad(pixels, (0, max(pad_w, 0), 0, max(pad_h, 0)))[
+            ..., : h_cells * stride, : w_cells * stride
+        ]
+        return F.avg_pool2d(pixels[:, None], stride)[:, 0]
+
     for i, target in enumerate(batch.targets):
-        masks = target["masks"].float()
-        h, w = masks.shape[-2:]
+        masks = target["masks"]
+        inside = per_cell(torch.ones(1, *masks.shape[-2:], device=out.device))[0]
+        classes = out[i, :num_classes]
         if len(masks):
-            cover[i, :num_classes, :h, :w].index_add_(0, target["labels"], masks)
-        cover[i, num_classes, :h, :w] = 1 - cover[i, :num_classes, :h, :w].sum(0).clamp(max=1)
-    return F.adaptive_avg_pool2d(cover, size)
+            classes.index_add_(0, target["labels"].to(out.device), per_cell(masks.float()))
+        total = classes.sum(0)
+        classes *= torch.where(total > inside, inside / total.clamp(min=1e-6), torch.ones_like(total))
+        out[i, num_classes] = (inside - classes.sum(0)).clamp(min=0)
+    return out
 
 
 class _Dense(nn.Module):
@@ -91,7 +109,7 @@ def pretrain_backbone(
             batch = batch.to(device)
             logits, mask = net(batch.images, batch.padding_mask)
             features = logits
-            target = dense_targets(batch, num_classes, tuple(features.shape[-2:]))
+            target = dense_targets(batch, num_classes, tuple(features.shape[-2:]), backbone.strides[-1])
             per_cell = -(target * logits.float().log_softmax(1) * weights[:, None, None]).sum(1)
             valid = torch.ones_like(per_cell, dtype=torch.bool) if mask is None else ~mask
             loss = per_cell[valid].mean()
