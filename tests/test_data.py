@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_convert, masks_to_boxes
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import detrkit.cli
@@ -145,6 +146,33 @@ def test_full_training_pipeline_keeps_masks_and_boxes_aligned(synth_root):
     gaps = [_box_mask_gap(*ds[i])[0] for _ in range(3) for i in range(len(ds))]
     assert sum(gaps) / len(gaps) <= 1.0
     assert max(gaps) <= 3.0
+
+
+def test_every_per_object_field_stays_aligned_through_the_training_transforms(synth_root):
+    """Objects dropped by a crop leave labels, iscrowd and area together with their boxes/masks."""
+    torch.manual_seed(0)
+    ds = detection(synth_root, masks=True, keep_crowd=True)
+    # Small crops (the crop branch is taken half of the time), so that objects do get dropped.
+    transform = train_transforms(TransformConfig.scaled(0.25, crop_min=20, crop_max=50))
+    dropped = 0
+    for _ in range(4):
+        for index in range(len(ds)):
+            image_id = ds.ids[index]
+            info = ds.images[image_id]
+            raw = ds.raw_target(image_id, info["width"], info["height"])
+            n = len(raw["labels"])
+            # Markers that tie every field to its object: object k has iscrowd k and area 10 k.
+            raw["iscrowd"] = torch.arange(n)
+            raw["area"] = torch.arange(n, dtype=torch.float32) * 10
+            raw["labels"] = torch.arange(n)
+            img = torch.zeros(3, info["height"], info["width"], dtype=torch.uint8)
+            _, out = transform(tv_tensors.Image(img), raw)
+            kept = out["labels"]
+            dropped += n - len(kept)
+            assert len(out["boxes"]) == len(out["masks"]) == len(kept)
+            assert torch.equal(out["iscrowd"], kept)
+            assert torch.equal(out["area"], kept.float() * 10)
+    assert dropped > 0  # the crops did drop objects
 
 
 def test_eval_transform_resizes_shorter_side(synth_root):

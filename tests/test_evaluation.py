@@ -96,3 +96,78 @@ def test_an_image_without_detections_among_others(gt):
     evaluator = CocoEvaluator(gt, cmap)
     evaluator.update(ids, dets)
     assert 0 < evaluator.summarize()["bbox/AP"] < 1
+
+
+def _diagonal_band(size: int, offset: int, width: int = 3) -> np.ndarray:
+    """A thin band along a diagonal: a small mask (area ~ width * length) with a large box."""
+    yy, xx = np.mgrid[:size, :size]
+    return (np.abs(yy - xx - offset) < width) & (yy > 20) & (yy < size - 20)
+
+
+def test_mask_ap_by_size_uses_mask_areas_as_pycocotools():
+    """Objects whose masks are small but whose boxes are large: mask APs/APm/APl must equal
+    pycocotools scoring the masks as the original submits them (segmentation without a box)."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    size = 200
+    gt = {
+        "images": [{"id": i, "width": size, "height": size, "file_name": f"{i}.jpg"} for i in (1, 2)],
+        "categories": [{"id": 3, "name": "band"}],
+        "annotations": [],
+    }
+    gt_masks = {}
+    for image_id, offsets in ((1, (-40, 30)), (2, (0,))):
+        for offset in offsets:
+            mask = _diagonal_band(size, offset)
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            ann_id = len(gt["annotations"]) + 1
+            gt["annotations"].append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": 3,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                    "area": float(mask.sum()),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+            gt_masks.setdefault(image_id, []).append(mask)
+    cmap = CategoryMap.from_categories(gt["categories"])
+    ids, dets = [], []
+    for image_id, masks in gt_masks.items():
+        # The true masks, then thin false positives with high scores (they decide APs).
+        candidates = masks + [_diagonal_band(size, 60), _diagonal_band(size, -70)]
+        scores = [0.6, 0.5, 0.9, 0.8][: len(masks)] + [0.95, 0.7]
+        boxes = [
+            [m.nonzero()[1].min(), m.nonzero()[0].min(), m.nonzero()[1].max() + 1, m.nonzero()[0].max() + 1]
+            for m in candidates
+        ]
+        ids.append(image_id)
+        dets.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.zeros(len(candidates), dtype=torch.long),
+                "scores": torch.tensor(scores[: len(candidates)]),
+                "masks": torch.from_numpy(np.stack(candidates)),
+            }
+        )
+    evaluator = CocoEvaluator(gt, cmap, ("bbox", "segm"))
+    evaluator.update(ids, dets)
+    ours = evaluator.summarize()
+
+    segm_only = [{k: v for k, v in r.items() if k != "bbox"} for r in evaluator.results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        reference = COCOeval(coco_gt, coco_gt.loadRes(segm_only), "segm")
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    expected = dict(zip(STAT_NAMES, reference.stats))
+    assert expected["APs"] < 1.0  # the false positives count against the small objects
+    for name in ("AP", "APs", "APm", "APl", "ARs", "ARm", "ARl"):
+        assert ours[f"segm/{name}"] == pytest.approx(expected[name], abs=1e-4), name

@@ -150,8 +150,8 @@ def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, data_root, m
         criterion = real(config)
         forward = criterion.forward
 
-        def nan_forward(outputs, targets):
-            losses = forward(outputs, targets)
+        def nan_forward(outputs, targets, *args):
+            losses = forward(outputs, targets, *args)
             losses["loss_ce"] = losses["loss_ce"] * float("nan")
             return losses
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +42,29 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     numerator = 2 * (inputs * targets).sum(1)
     denominator = inputs.sum(-1) + targets.sum(-1)
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """What the losses of one optimizer step are divided by, so that a step accumulated over
+    several micro-batches equals one step on their union.
+
+    Attributes:
+        num_boxes: target boxes of the whole step, averaged over processes (at least 1); divides
+            the box and mask losses, as in the original.
+        image_box_counts: target boxes of each image of the step on this process; the no-object
+            weighted cross-entropy is normalised by the summed class weights of all of them (a
+            per-process mean, as the original's ``F.cross_entropy`` over one batch).
+    """
+
+    num_boxes: float
+    image_box_counts: tuple[int, ...]
+
+    def class_weight(self, num_queries: int, eos_coef: float) -> float:
+        """Sum of the cross-entropy weights of every query of the step: matched queries weigh 1,
+        the others ``eos_coef`` (the Hungarian matching pairs ``min(num_queries, n)`` queries)."""
+        matched = sum(min(num_queries, n) for n in self.image_box_counts)
+        return matched + eos_coef * (num_queries * len(self.image_box_counts) - matched)
 
 
 def _pad_masks(masks: list[Tensor]) -> Tensor:
@@ -89,8 +115,13 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     # --- individual losses ----------------------------------------------------------------------
-    def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, log: bool = True):
-        """Cross-entropy over K+1 classes; unmatched queries are supervised as "no object"."""
+    def loss_labels(
+        self, outputs, targets, indices: Indices, num_boxes: float, log: bool = True, class_weight=None
+    ):
+        """Cross-entropy over K+1 classes; unmatched queries are supervised as "no object".
+
+        The weighted mean over queries (the original's) unless ``class_weight`` gives the divisor.
+        """
         src_logits = outputs["pred_logits"].float()
         idx = self._src_permutation_idx(indices)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
@@ -98,7 +129,16 @@ class SetCriterion(nn.Module):
             src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device
         )
         target_classes[idx] = target_classes_o
-        losses = {"loss_ce": F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if class_weight is None:
+            loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        else:
+            loss_ce = (
+                F.cross_entropy(
+                    src_logits.transpose(1, 2), target_classes, self.empty_weight, reduction="sum"
+                )
+                / class_weight
+            )
+        losses = {"loss_ce": loss_ce}
         if log:
             # Top-1 error (in %) of the matched queries, for logging only.
             matched = src_logits[idx]
@@ -196,32 +236,60 @@ class SetCriterion(nn.Module):
         }
         return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    @staticmethod
+    def loss_norm(
+        step_targets: Sequence[Sequence[dict[str, Tensor]]],
+        *,
+        across_processes: bool = True,
+        device: torch.device | None = None,
+    ) -> LossNorm:
+        """The :class:`LossNorm` of a step made of the micro-batches ``step_targets`` (a list of
+        per-batch target lists). ``across_processes``: average the box count over processes (a
+        collective every process must join, on ``device``, by default the labels'); off for
+        evaluation, where shards differ in length."""
+        labels = [t["labels"] for targets in step_targets for t in targets]
+        counts = tuple(len(x) for x in labels)
+        if device is None:
+            device = labels[0].device if labels else torch.device("cpu")
+        num_boxes = torch.tensor([float(sum(counts))], device=device)
+        if across_processes:
+            num_boxes = all_reduce_mean(num_boxes)
+        return LossNorm(num_boxes=max(float(num_boxes.item()), 1.0), image_box_counts=counts)
+
+    def forward(
+        self, outputs: dict, targets: list[dict[str, Tensor]], norm: LossNorm | None = None
+    ) -> dict[str, Tensor]:
         """
         Args:
             outputs: the model's output dict.
             targets: one dict per image: ``labels`` Int64Tensor[N], ``boxes`` Tensor[N, 4] normalised
                 cxcywh, and ``masks`` Bool Tensor[N, H, W] for mask models.
+            norm: the normalisers of the whole optimizer step when this batch is one micro-batch of
+                several (gradient accumulation); by default this batch alone, with the box count
+                averaged over processes (every process must call the criterion then).
         """
         self._check_targets(outputs, targets)
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(outputs_without_aux, targets)
 
-        # Average number of target boxes across processes, for normalisation.
-        device = outputs["pred_logits"].device
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        num_boxes = torch.clamp(all_reduce_mean(num_boxes), min=1).item()
+        class_weight = None
+        if norm is None:
+            norm = self.loss_norm([targets])
+        else:
+            class_weight = norm.class_weight(outputs["pred_logits"].shape[1], self.eos_coef)
+        num_boxes = norm.num_boxes
 
         losses: dict[str, Tensor] = {}
         for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+            kwargs = {"class_weight": class_weight} if loss == "labels" else {}
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes, **kwargs))
 
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             indices = self.matcher(aux_outputs, targets)
             for loss in self.losses:
                 if loss == "masks":
                     continue  # intermediate masks are too costly to compute
-                kwargs = {"log": False} if loss == "labels" else {}
+                kwargs = {"log": False, "class_weight": class_weight} if loss == "labels" else {}
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses

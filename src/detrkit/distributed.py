@@ -24,6 +24,38 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any process (``flag`` itself in a single process)."""
+    if not is_dist():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_processes(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every process (``flag`` itself in a single process)."""
+    return not any_process(not flag, device)
+
+
+def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over processes, in one collective (``values`` in one process)."""
+    if not is_dist():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def union_over_processes(keys: list[str]) -> list[str]:
+    """The sorted union of every process's ``keys`` (e.g. loss names: a process may have logged none)."""
+    if not is_dist():
+        return sorted(keys)
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    return sorted({k for ks in gathered for k in ks or []})
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of ``value`` over all processes (``value`` itself in a single process)."""
     if not is_dist():

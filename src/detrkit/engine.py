@@ -6,16 +6,15 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .criterion import SetCriterion
 from .data.collate import Batch, SkipTracker
-from .distributed import all_reduce_mean, is_dist, is_main_process
+from .distributed import all_processes, any_process, is_main_process, sum_over_processes, union_over_processes
 from .evaluation import CocoEvaluator
 from .panoptic import PostProcessPanoptic
 from .postprocess import PostProcess, PostProcessSegm
@@ -46,12 +45,20 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (so all of them skip the step together)."""
-    flag = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0], device=value.device)
-    if is_dist():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def _micro_batch_groups(
+    loader: Iterable[Batch], size: int, skips: SkipTracker | None
+) -> Iterator[list[Batch]]:
+    """``loader``'s batches in groups of ``size`` (one optimizer step each; the last may be shorter)."""
+    group: list[Batch] = []
+    for batch in loader:
+        if skips is not None:
+            skips.update(batch.skipped)
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def train_one_epoch(
@@ -74,87 +81,105 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until ``max_steps`` optimizer steps in total).
 
-    Returns the epoch's mean of every loss (weighted ``loss`` included), averaged over processes.
+    Every ``grad_accum`` batches make one optimizer step whose losses are normalised over all of
+    them (:class:`LossNorm`), so the step equals one on their union. Under DDP every process joins
+    the same collectives in every step, whatever its data did: the decisions to skip a step (a
+    process whose batches of the step were all unreadable, a non-finite loss anywhere) are taken
+    together, and the gradients are synchronised once, by the last backward of the step.
+
+    Returns the mean over steps (and processes) of every loss, weighted ``loss`` included.
     """
     model.train()
     criterion.train()
     weight_dict = criterion.weight_dict
     sums: dict[str, float] = {}
     count = 0
-    micro = 0
+    images = 0
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for batch in loader:
-        if skips is not None:
-            skips.update(batch.skipped)
+    consumed = 0  # batches read since the last progress report
+    for group in _micro_batch_groups(loader, grad_accum, skips):
         if max_steps is not None and state.step >= max_steps:
             break
-        if len(batch) == 0:
-            continue  # every sample of this batch was unreadable
-        batch = batch.to(device, non_blocking=True)
-        last_micro = (micro + 1) % grad_accum == 0
-        sync = contextlib.nullcontext()
-        if not last_micro and isinstance(model, nn.parallel.DistributedDataParallel):
-            sync = model.no_sync()
-        with sync:
-            with _autocast(device, amp):
-                outputs = model(batch.images, batch.padding_mask)
-            loss_dict = criterion(outputs, batch.targets)
-            loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        consumed += len(group)
+        usable = [b for b in group if len(b)]
+        norm = criterion.loss_norm([b.targets for b in usable], device=device)  # one collective
+        # Skip together when any process has nothing to train on in this step: alone, it could not
+        # join the gradient synchronisation that the others' backward passes wait for.
+        if any_process(not usable, device):
+            continue
+        step_losses: dict[str, torch.Tensor] = {}
+        finite = True
+        for i, batch in enumerate(usable):
+            batch = batch.to(device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if i < len(usable) - 1 and isinstance(model, nn.parallel.DistributedDataParallel):
+                sync = model.no_sync()  # gradients are all-reduced once, by the step's last backward
+            with sync:
+                with _autocast(device, amp):
+                    outputs = model(batch.images, batch.padding_mask)
+                loss_dict = criterion(outputs, batch.targets, norm)
+                loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+                finite = finite and bool(torch.isfinite(loss))
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            # Losses are normalised over the whole step: add them up; logging-only metrics average.
+            loss_dict["loss"] = loss
+            for key, value in loss_dict.items():
+                share = 1.0 if key in weight_dict or key == "loss" else 1.0 / len(usable)
+                step_losses[key] = step_losses.get(key, 0.0) + value.detach().float() * share
+            images += batch.images.shape[0]
 
-            if not _all_finite(loss):
-                state.bad_streak += 1
-                ids = [int(t["image_id"]) for t in batch.targets]
-                warnings.warn(
-                    f"non-finite loss ({loss.item()}) at step {state.step}, image ids {ids}: step skipped "
-                    f"({state.bad_streak} in a row)",
-                    stacklevel=2,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                micro = 0
-                if state.bad_streak >= max_bad_steps:
-                    raise TrainingError(
-                        f"stopping: {state.bad_streak} consecutive non-finite losses (last at image ids {ids}). "
-                        "The last good checkpoint is untouched; lower the learning rate or check these images."
-                    )
-                continue
-            state.bad_streak = 0
-            scaled = loss / grad_accum
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        micro += 1
-
-        if last_micro:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+        if not all_processes(finite, device):
             optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            if ema is not None:
-                ema.update_parameters(model)
+            state.bad_streak += 1
+            ids = [int(t["image_id"]) for b in usable for t in b.targets]
+            warnings.warn(
+                f"non-finite loss at step {state.step}, image ids {ids}: step skipped on every process "
+                f"({state.bad_streak} in a row)",
+                stacklevel=2,
+            )
+            if state.bad_streak >= max_bad_steps:
+                raise TrainingError(
+                    f"stopping: {state.bad_streak} consecutive non-finite losses (last at image ids {ids}). "
+                    "The last good checkpoint is untouched; lower the learning rate or check these images."
+                )
+            continue
+        state.bad_streak = 0
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip_max_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if ema is not None:
+            ema.update_parameters(_unwrap(model))
 
-        logged = {k: v.detach() for k, v in loss_dict.items()}
-        logged["loss"] = loss.detach()
-        for key, value in logged.items():
-            sums[key] = sums.get(key, 0.0) + float(all_reduce_mean(value.float()))
+        for key, value in step_losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
         count += 1
         if progress is not None and is_main_process():
             progress(
                 {
                     "loss": sums["loss"] / count,
                     "lr": optimizer.param_groups[0]["lr"],
-                    "img/s": count * batch.images.shape[0] / (time.perf_counter() - start),
+                    "img/s": images / (time.perf_counter() - start),
+                    "batches": consumed,
                 }
             )
-    return {k: v / max(count, 1) for k, v in sums.items()}
+            consumed = 0
+    # One collective for the epoch's means: every process has the same loss names (same config).
+    keys = union_over_processes(sorted(sums))
+    totals = sum_over_processes([sums.get(k, 0.0) for k in keys] + [float(count)], device)
+    steps = max(totals[-1], 1.0)
+    return {k: v / steps for k, v in zip(keys, totals[:-1], strict=True)}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -189,7 +214,10 @@ def evaluate(
         with _autocast(device, amp):
             outputs = model(batch.images, batch.padding_mask)
         if criterion is not None:
-            loss_dict = criterion(outputs, batch.targets)
+            # This batch's own normalisers, with no collective: the processes' shards may differ in
+            # length (and a process may have no image), so per-batch collectives would not pair up.
+            norm = criterion.loss_norm([batch.targets], across_processes=False)
+            loss_dict = criterion(outputs, batch.targets, norm)
             weights = criterion.weight_dict
             loss_sum += float(sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights))
             batches += 1
@@ -211,5 +239,6 @@ def evaluate(
     evaluator.synchronize()
     metrics = evaluator.summarize()
     if criterion is not None:
-        metrics["val/loss"] = float(all_reduce_mean(torch.tensor(loss_sum / max(batches, 1), device=device)))
+        loss_sum, batches = sum_over_processes([loss_sum, float(batches)], device)
+        metrics["val/loss"] = loss_sum / max(batches, 1.0)  # mean over every validation batch
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -93,11 +93,16 @@ class CocoEvaluator:
         metrics: dict[str, float] = {}
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO(self.ground_truth)
-            dt = gt.loadRes([dict(r) for r in self.results]) if self.results else COCO()
         for iou_type in self.iou_types:
             if not self.results:
                 metrics.update({f"{iou_type}/{n}": 0.0 for n in STAT_NAMES})
                 continue
+            # Each IoU type gets the results as the original submits them: boxes only, or masks
+            # only, so a mask's area (which decides small/medium/large) is the mask's, not its box's.
+            drop = "segmentation" if iou_type == "bbox" else "bbox"
+            results = [{k: v for k, v in r.items() if k != drop} for r in self.results]
+            with contextlib.redirect_stdout(io.StringIO()):
+                dt = gt.loadRes(results)
             printer = print if verbose else (lambda *a, **k: None)
             evaluator = COCOeval_faster(gt, dt, iou_type, print_function=printer)
             evaluator.params.imgIds = sorted(self.image_ids)

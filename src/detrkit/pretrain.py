@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .data.coco import DatasetError
 from .data.collate import Batch
-from .distributed import is_dist, is_main_process
+from .distributed import any_process, is_dist, is_main_process
 from .model import Detr
 
 # Background cells outnumber object cells several times; weigh them down, like DETR's eos_coef.
@@ -103,7 +103,7 @@ def pretrain_backbone(
     while step < steps:
         used = 0
         for batch in batches(epoch):
-            if len(batch) == 0:
+            if any_process(len(batch) == 0, device):  # all processes skip it together (DDP)
                 continue
             used += 1
             batch = batch.to(device)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
@@ -158,6 +158,10 @@ class Trainer:
             )
         if saved is not None:
             self._restore(saved, overrides or {})
+        else:
+            warning = self.random_backbone_warning()
+            if warning:
+                self.log(f"WARNING: {warning}")
 
     # --- construction -----------------------------------------------------------------------------
     def _resumed_config(self, saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
@@ -287,11 +291,12 @@ class Trainer:
         cfg = self.config
         dataset = dataset if dataset is not None else self.train_set
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        if is_dist():
-            sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=generator)
+        # One global order of the images per (seed, epoch), split over the processes: N processes
+        # with batch size B see the same images in each step as one process with batch size N * B.
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=cfg.seed
+        )
+        sampler.set_epoch(epoch)
         batches = AspectRatioBatchSampler(sampler, dataset.aspect_ratios(), cfg.batch_size)
         return DataLoader(
             dataset,
@@ -312,15 +317,23 @@ class Trainer:
         )
 
     # --- checkpoints --------------------------------------------------------------------------------
+    def evaluated_model(self) -> Detr:
+        """The weights that are evaluated and saved as the model: the EMA average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _checkpoint(self) -> dict[str, Any]:
+        # "model" holds the evaluated weights, so every reader of the checkpoint (load_model, eval,
+        # predict, serve, convert) gets the weights whose metrics were logged; with EMA, the raw
+        # training weights go to "train_model" for --resume.
         return {
-            "model": self.model.state_dict(),
+            "model": self.evaluated_model().state_dict(),
+            "train_model": self.model.state_dict() if self.ema is not None else None,
             "detrkit_config": self.model.config.to_dict(),
             "train_config": self.config.to_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": {"n_averaged": self.ema.n_averaged} if self.ema is not None else None,
             "state": dataclasses.asdict(self.state),
             "epoch": self.state.epoch,
         }
@@ -332,13 +345,19 @@ class Trainer:
         atomic_write(self.out / name, lambda tmp: torch.save(payload, tmp))
 
     def _restore(self, saved: dict[str, Any], overrides: dict[str, Any]) -> None:
-        self.model.load_state_dict(saved["model"])
+        raw = saved.get("train_model")
+        self.model.load_state_dict(raw if raw is not None else saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["lr_scheduler"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        if self.ema is not None and saved.get("ema"):
-            self.ema.load_state_dict(saved["ema"])
+        ema = saved.get("ema")
+        if self.ema is not None and ema:
+            if raw is not None:  # "model" holds the average
+                self.ema.module.load_state_dict(saved["model"])
+                self.ema.n_averaged.copy_(ema["n_averaged"])
+            else:  # a checkpoint of detrkit 0.1, which saved the whole AveragedModel
+                self.ema.load_state_dict(ema)
         self.state = TrainState(**saved["state"])
         # The optimizer's saved state carries the old learning rates: apply explicit new ones.
         cfg = self.config
@@ -374,9 +393,36 @@ class Trainer:
         else:
             iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
             evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
-        model = self.ema.module if self.ema is not None else self.model
         return evaluate(
-            model, val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
+            self.evaluated_model(), val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
+        )
+
+    def random_backbone_warning(self) -> str | None:
+        """Why this run cannot learn, when its backbone starts from random weights without what a
+        random backbone needs (trainable BatchNorm and the dense pretraining stage), or None.
+
+        DETR's recipe (the ``detr-*`` presets) assumes an ImageNet-initialised ResNet with frozen
+        BatchNorm; offline and without ``init_from`` that backbone is random and stays useless."""
+        cfg, model = self.config, self.model.config
+        if cfg.init_from or model.pretrained_backbone:
+            return None
+        frozen = cfg.freeze_backbone or not model.train_backbone
+        if not frozen and not model.frozen_bn and cfg.backbone_pretrain_steps > 0:
+            return None
+        problems = []
+        if frozen:
+            problems.append("is not trained (frozen)")
+        if model.frozen_bn:
+            problems.append("has frozen BatchNorm (frozen_bn=true) with random statistics")
+        if cfg.backbone_pretrain_steps == 0:
+            problems.append("gets no pretraining stage (backbone_pretrain_steps=0)")
+        return (
+            f"the {model.backbone} backbone starts from random weights and {', '.join(problems)}: "
+            "DETR's recipe needs a pretrained backbone, and this run is unlikely to learn anything. "
+            "Use one of: --init-from a trained DETR (e.g. detr-resnet-50, or a checkpoint); "
+            "--set model.pretrained_backbone=true (ImageNet weights, downloaded by torchvision); or train "
+            "the backbone from scratch with --set model.frozen_bn=false --set backbone_pretrain_steps=800 "
+            "(as the cpu-tiny preset does)."
         )
 
     def _no_pretraining_reason(self) -> str | None:
@@ -470,7 +516,7 @@ class Trainer:
             )
 
             def progress(values: dict[str, float], bar=bar) -> None:
-                bar.update(1)
+                bar.update(int(values["batches"]))
                 bar.set_postfix(
                     loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.1e}", ips=f"{values['img/s']:.1f}"
                 )

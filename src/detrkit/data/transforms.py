@@ -137,10 +137,23 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(F.crop, inpt, **params)
 
 
+# Plain tensors of a target with one entry per object; boxes and masks are tv_tensors, which
+# torchvision filters by itself.
+PER_OBJECT_FIELDS = ("labels", "iscrowd", "area")
+
+
+def _per_object_fields(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Every per-object field of the ``(image, target)`` sample, so that an object dropped by
+    ``SanitizeBoundingBoxes`` is dropped from all of them and they stay aligned with the boxes."""
+    samples = [inputs] if isinstance(inputs, dict) else list(inputs)
+    target = next((x for x in samples if isinstance(x, dict)), {})
+    return tuple(target[k] for k in PER_OBJECT_FIELDS if k in target)
+
+
 def _finish(config: TransformConfig) -> list[v2.Transform]:
     return [
         v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1),
+        v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_per_object_fields),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(config.mean), std=list(config.std)),
     ]
