@@ -73,13 +73,13 @@ def test_a_run_writes_everything(tmp_path, data_root):
     assert any("AP" in m for m in messages)
 
 
-def _final_weights(run_dir):
-    return torch_load_safe(run_dir / LAST)["model"]
-
-
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_root):
+    # The learning rate drops after epoch 2 and the run is killed after epoch 1: a scheduler that is
+    # not restored drops it at the wrong time. With EMA, both the average and the raw weights must
+    # come back.
     epochs = 4
-    Trainer(tiny(tmp_path / "a", data_root, epochs=epochs, output_dir=str(tmp_path / "a"))).fit()
+    extra = dict(lr_drop=2, ema_decay=0.5)
+    Trainer(tiny(tmp_path / "a", data_root, epochs=epochs, output_dir=str(tmp_path / "a"), **extra)).fit()
 
     out = tmp_path / "b"
     cmd = [
@@ -103,6 +103,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_root):
         "0",
         "--image-scale",
         "0.12",
+        "--set",
+        "lr_drop=2",
+        "--set",
+        "ema_decay=0.5",
         *sum((["--set", f"model.{k}={json.dumps(v)}"] for k, v in TINY_MODEL.items()), []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,10 +119,13 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_root):
     assert interrupted_at < epochs, "the run finished before it could be interrupted"
 
     assert detrkit.cli.main(["train", "--resume", "--output-dir", str(out)]) == 0
-    a, b = _final_weights(tmp_path / "a"), _final_weights(out)
     assert torch_load_safe(out / LAST)["epoch"] == epochs
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    for key in ("model", "train_model"):  # the EMA average and the raw training weights
+        a, b = torch_load_safe(tmp_path / "a" / LAST)[key], torch_load_safe(out / LAST)[key]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), (
+            f"resumed run differs from the uninterrupted one ({key})"
+        )
 
 
 def test_resume_applies_and_reports_explicit_overrides(tmp_path, data_root, capsys):
@@ -402,3 +409,98 @@ def test_dense_pretraining_targets_follow_the_feature_grid():
     assert torch.allclose(t[:, 0, 1], torch.tensor([0.5, 0.0, 0.5]))
     assert torch.allclose(t[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
     assert torch.allclose(t[:, 2, 2], torch.tensor([0.0, 0.0, 0.25]))  # a quarter inside the image
+
+
+def test_ema_checkpoints_hold_the_evaluated_weights(tmp_path, data_root):
+    """With EMA, evaluation uses the average, so the checkpoints' model must be the average: what
+    load_model/eval/predict read is what scored. `detrkit eval` on the best checkpoint gives the
+    metrics logged for it."""
+    trainer = Trainer(tiny(tmp_path, data_root, epochs=1, ema_decay=0.9), log=lambda m: None)
+    trainer.fit()
+    run = tmp_path / "run"
+    average, raw = trainer.ema.module.state_dict(), trainer.model.state_dict()
+    assert any(not torch.equal(average[k], raw[k]) for k in raw)
+    for name in (BEST, LAST):
+        loaded = detrkit.load_model(run / name).state_dict()
+        assert all(torch.equal(loaded[k], average[k]) for k in average), name
+    logged = json.loads((run / METRICS).read_text().splitlines()[-1])["val"]
+    out = tmp_path / "eval"
+    args = ["eval", "--weights", str(run / BEST), "--data", str(data_root), "--out", str(out)]
+    assert detrkit.cli.main([*args, "--num-workers", "0", "--batch-size", "4"]) == 0
+    evaluated = json.loads((out / "metrics.json").read_text())
+    # The detections themselves: the same as the averaged model's, not the raw model's.
+    results = json.loads((out / "results.json").read_text())
+    assert {k: v for k, v in evaluated.items() if k.startswith("bbox/")} == pytest.approx(
+        {k: v for k, v in logged.items() if k.startswith("bbox/")}, abs=1e-6
+    )
+    assert results
+
+
+def _union_vs_accumulated(tmp_path, micro_sizes):
+    """Parameter change of one SGD step (lr 1: the gradient) on 4 images as one batch, and as
+    micro-batches of ``micro_sizes`` accumulated into one step."""
+    from detrkit.data.collate import collate
+    from detrkit.engine import TrainState, train_one_epoch
+
+    torch.manual_seed(0)
+    config = detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 4})
+    counts = (1, 4, 0, 2)  # boxes per image: micro-batches hold different numbers of boxes
+    samples = []
+    for i, n in enumerate(counts):
+        xy = torch.rand(n, 2) * 0.5 + 0.25
+        wh = torch.rand(n, 2) * 0.3 + 0.1
+        target = {"boxes": torch.cat([xy, wh], 1), "labels": torch.randint(0, 4, (n,)), "image_id": i}
+        samples.append((torch.randn(3, 64, 80, dtype=torch.float64), target))
+    changes = []
+    for sizes in ((4,), micro_sizes):
+        torch.manual_seed(1)
+        # float64: in float32, batched and single-image convolutions round differently, and a
+        # ReLU input that rounds across zero changes its gradient by far more than 1e-5.
+        model = detrkit.build_model(config).double()
+        with torch.no_grad():
+            # Spread the random boxes and scores: near-equal matching costs could otherwise be
+            # assigned differently by rounding in differently shaped batches.
+            model.bbox_embed.layers[-1].weight.mul_(30)
+            model.class_embed.weight.mul_(30)
+        criterion = detrkit.build_criterion(config)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        bounds = torch.tensor((0, *sizes)).cumsum(0).tolist()
+        loader = [collate(samples[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        state = TrainState()
+        stats = train_one_epoch(
+            model, criterion, loader, optimizer, torch.device("cpu"), state,
+            clip_max_norm=0.0, grad_accum=len(sizes),
+        )  # fmt: skip
+        assert state.step == 1
+        changes.append(({n: before[n] - p.detach() for n, p in model.named_parameters()}, stats))
+    return changes
+
+
+def test_gradient_accumulation_equals_one_step_on_the_union(tmp_path):
+    (union, union_stats), (accumulated, accumulated_stats) = _union_vs_accumulated(tmp_path, (1, 2, 1))
+    scale = max(g.abs().max() for g in union.values())
+    assert scale > 0
+    for name, grad in union.items():
+        assert torch.allclose(accumulated[name], grad, atol=1e-5 * scale, rtol=1e-4), name
+    # The logged losses of the step are the union's too.
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+        assert accumulated_stats[key] == pytest.approx(union_stats[key], rel=1e-5), key
+
+
+def test_detr_recipe_from_a_random_backbone_is_flagged_before_training(tmp_path, data_root):
+    messages = []
+    overrides = {"data": str(data_root), "output_dir": str(tmp_path / "run"), "num_workers": 0}
+    config = build_config(preset="detr-r50", overrides={**overrides, "model": TINY_MODEL})
+    Trainer(config, log=messages.append)
+    warning = [m for m in messages if m.startswith("WARNING")]
+    assert warning and "random weights" in warning[0] and "frozen BatchNorm" in warning[0]
+    for remedy in ("--init-from", "pretrained_backbone", "backbone_pretrain_steps"):
+        assert remedy in warning[0]
+    # What works is not flagged: a backbone trained from scratch with the pretraining stage.
+    messages.clear()
+    overrides["output_dir"] = str(tmp_path / "tiny")
+    Trainer(
+        build_config(preset="cpu-tiny", overrides={**overrides, "model": TINY_MODEL}), log=messages.append
+    )
+    assert not [m for m in messages if m.startswith("WARNING")]
