@@ -171,3 +171,28 @@ def test_mask_ap_by_size_uses_mask_areas_as_pycocotools():
     assert expected["APs"] < 1.0  # the false positives count against the small objects
     for name in ("AP", "APs", "APm", "APl", "ARs", "ARm", "ARl"):
         assert ours[f"segm/{name}"] == pytest.approx(expected[name], abs=1e-4), name
+
+
+def test_unreadable_images_count_as_images_without_detections(gt):
+    """Their ground truth stays in the score (pycocotools over every image, no results for them)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    cmap, ids, dets = noisy_detections(gt)
+    evaluator = CocoEvaluator(gt, cmap)
+    evaluator.update(ids[3:], dets[3:])
+    evaluator.add_unreadable(ids[:3])
+    ours = evaluator.summarize()
+    assert evaluator.num_images == len(ids)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        reference = COCOeval(coco_gt, coco_gt.loadRes(detections_to_coco(ids[3:], dets[3:], cmap)), "bbox")
+        reference.params.imgIds = ids
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    for name, value in zip(STAT_NAMES, reference.stats):
+        assert ours[f"bbox/{name}"] == pytest.approx(value, abs=1e-4), name

@@ -504,3 +504,34 @@ def test_detr_recipe_from_a_random_backbone_is_flagged_before_training(tmp_path,
         build_config(preset="cpu-tiny", overrides={**overrides, "model": TINY_MODEL}), log=messages.append
     )
     assert not [m for m in messages if m.startswith("WARNING")]
+
+
+def test_eval_counts_unreadable_images_instead_of_dropping_their_ground_truth(tmp_path, data_root, capsys):
+    """Unreadable validation images keep their ground truth (scored as images without detections)
+    and are reported; with none readable, evaluation refuses."""
+    Trainer(tiny(tmp_path, data_root, epochs=1), log=lambda m: None).fit()
+    weights = str(tmp_path / "run" / LAST)
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    args = ["eval", "--weights", weights, "--data", str(data), "--num-workers", "0", "--batch-size", "4"]
+    assert detrkit.cli.main([*args, "--out", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    capsys.readouterr()
+
+    val = sorted((data / "val2017").iterdir())
+    val[0].unlink()
+    val[1].write_bytes(b"not an image")
+    assert detrkit.cli.main([*args, "--out", str(tmp_path / "part")]) == 0
+    captured = capsys.readouterr()
+    part = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert part["images"] == full["images"] == 4 and part["images_unreadable"] == 2
+    assert "(4 images)" in captured.out and "2 of 4 images could not be read" in captured.err
+    assert val[0].name in captured.err and val[1].name in captured.err
+    # Their objects count as missed: recall cannot go up by losing images.
+    assert part["bbox/AR100"] <= full["bbox/AR100"]
+
+    for path in val[2:]:
+        path.unlink()
+    assert detrkit.cli.main([*args, "--out", str(tmp_path / "none")]) == 2
+    assert "none of the 4 images" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "metrics.json").exists()

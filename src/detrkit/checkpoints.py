@@ -30,6 +30,7 @@ from .convert import (
     infer_config,
     original_to_detrkit,
 )
+from .errors import CheckpointError
 from .fileio import atomic_write, write_json_atomic
 from .model import Detr
 
@@ -51,10 +52,6 @@ _ORIGINAL_ARGS = (
     "dice_loss_coef",
     "eos_coef",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read, recognised or written; the message names the file and why."""
 
 
 # ---------------------------------------------------------------------------------------------------

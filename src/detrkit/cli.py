@@ -277,11 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoints import CheckpointError
     from .data.coco import DatasetError
     from .data.images import ImageLoadError
     from .engine import TrainingError
-    from .errors import ConfigError
+    from .errors import CheckpointError, ConfigError
 
     args = build_parser().parse_args(argv)
     try:

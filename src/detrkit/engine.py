@@ -197,9 +197,16 @@ def evaluate(
     amp: str = "none",
     criterion: SetCriterion | None = None,
     progress: Callable[[], None] | None = None,
+    skips: SkipTracker | None = None,
 ) -> dict[str, float]:
     """Run the model over ``loader``, feed ``evaluator`` with detections in original image
-    coordinates (panoptic segmentations for a :class:`PanopticEvaluator`), and return its metrics (plus the mean validation loss with ``criterion``)."""
+    coordinates (panoptic segmentations for a :class:`PanopticEvaluator`), and return its metrics,
+    plus ``images`` (evaluated, over all processes), ``images_unreadable`` (of those, the images
+    that could not be read: scored as images without detections) and, with ``criterion``, the
+    mean validation loss ``val/loss``.
+
+    Under DDP each process evaluates its own shard; shards may differ in length (or be empty),
+    so nothing here is collective until the end."""
     model.eval()
     postprocess = PostProcess()
     postprocess_masks = PostProcessSegm()
@@ -207,7 +214,11 @@ def evaluate(
     if panoptic:
         postprocess_panoptic = PostProcessPanoptic(_unwrap(model).config.is_thing)
     loss_sum, batches = 0.0, 0
+    unreadable: list[int] = []
     for batch in loader:
+        unreadable.extend(s.image_id for s in batch.skipped)
+        if skips is not None:
+            skips.update(batch.skipped)
         if len(batch) == 0:
             continue
         batch = batch.to(device)
@@ -236,9 +247,13 @@ def evaluate(
         evaluator.update(image_ids, detections)
         if progress is not None:
             progress()
+    # An image that cannot be read still has its ground truth: it counts as one without detections.
+    evaluator.add_unreadable(unreadable)
     evaluator.synchronize()
     metrics = evaluator.summarize()
+    loss_sum, batches, missed = sum_over_processes([loss_sum, float(batches), float(len(unreadable))], device)
+    metrics["images"] = float(evaluator.num_images)  # what the gathered results cover
+    metrics["images_unreadable"] = missed
     if criterion is not None:
-        loss_sum, batches = sum_over_processes([loss_sum, float(batches)], device)
         metrics["val/loss"] = loss_sum / max(batches, 1.0)  # mean over every validation batch
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the option and the reason."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, recognised or written; the message names the file and why."""

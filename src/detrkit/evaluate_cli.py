@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 
 from .checkpoints import load_model
 from .data.coco import CategoryMap, CocoDetection, CocoPanoptic, DatasetError
-from .data.collate import collate
+from .data.collate import SkipTracker, collate
+from .data.layout import resolve_panoptic, resolve_split
 from .data.transforms import TransformConfig, eval_transforms
 from .distributed import pick_device
 from .engine import evaluate
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import write_json_atomic
 from .pq import PanopticEvaluator
-from .trainer import resolve_panoptic, resolve_split
 
 
 def model_category_map(config, dataset_categories: list[dict]) -> CategoryMap:
@@ -69,8 +70,18 @@ def run_eval(args: argparse.Namespace) -> int:
         iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
         evaluator = CocoEvaluator(dataset.data, cmap, iou_types)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
-    metrics = evaluate(model, loader, evaluator, device)
-    print(f"{args.weights} on {ann} ({len(dataset)} images):")
+    skips = SkipTracker(warn=lambda msg: print(msg, file=sys.stderr))
+    metrics = evaluate(model, loader, evaluator, device, skips=skips)
+    images, unreadable = int(metrics["images"]), int(metrics["images_unreadable"])
+    if images and unreadable == images:
+        raise DatasetError(f"none of the {images} images of {ann} could be read from {dataset.image_dir}")
+    print(f"{args.weights} on {ann} ({images} images):")
+    if unreadable:
+        print(
+            f"WARNING: {unreadable} of {images} images could not be read; they count as images "
+            "without detections (their objects are missed)",
+            file=sys.stderr,
+        )
     print(format_metrics(metrics))
     if args.out:
         out = Path(args.out)

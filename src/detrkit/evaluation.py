@@ -77,6 +77,16 @@ class CocoEvaluator:
             detections_to_coco(image_ids, detections, self.category_map, "segm" in self.iou_types)
         )
 
+    @property
+    def num_images(self) -> int:
+        """Images evaluated (over all processes after :meth:`synchronize`)."""
+        return len(self.image_ids)
+
+    def add_unreadable(self, image_ids: Sequence[int]) -> None:
+        """Images that could not be read: evaluated with no detections, so their objects count as
+        missed instead of silently leaving the score."""
+        self.image_ids.update(int(i) for i in image_ids)
+
     def synchronize(self) -> None:
         """Gather every process's results (call on all ranks before :meth:`summarize`)."""
         if not is_dist():

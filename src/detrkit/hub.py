@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 BASE_URL = "https://dl.fbaipublicfiles.com/detr/"
 
 # COCO's 91-id layout used by the original detection checkpoints: label i is COCO category id i.
@@ -86,7 +88,6 @@ def download_official(name: str, *, url: str | None = None, progress: bool = Tru
 
     ``url`` overrides where it is fetched from (a mirror).
     """
-    from .checkpoints import CheckpointError
 
     if name not in OFFICIAL_CHECKPOINTS:
         raise CheckpointError(

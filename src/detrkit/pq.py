@@ -143,10 +143,12 @@ class PanopticEvaluator:
         self.category_ids = list(category_ids)
         self.categories = sorted(self.isthing)
         self.stats = np.zeros((len(self.categories), 4))
+        self.num_images = 0  # images evaluated (over all processes after synchronize())
         self._row = {c: i for i, c in enumerate(self.categories)}
 
     def update(self, image_ids: Sequence[int], results: Sequence[dict[str, Any]]) -> None:
         """``results``: :class:`~detrkit.panoptic.PostProcessPanoptic` outputs at original size."""
+        self.num_images += len(image_ids)
         for image_id, result in zip(image_ids, results, strict=True):
             gt_ids, gt_segments = self.ground_truth(int(image_id))
             pred_segments = [
@@ -158,13 +160,23 @@ class PanopticEvaluator:
                     raise ValueError(f"category id {category} of image {image_id} is not a dataset category")
                 self.stats[self._row[category]] += values
 
+    def add_unreadable(self, image_ids: Sequence[int]) -> None:
+        """Images that could not be read: predicted as all void, so their segments count as missed."""
+        self.num_images += len(image_ids)
+        for image_id in image_ids:
+            gt_ids, gt_segments = self.ground_truth(int(image_id))
+            stats = image_pq_stats(gt_ids, gt_segments, np.zeros_like(gt_ids), [])
+            for category, values in stats.items():
+                self.stats[self._row[category]] += values
+
     def synchronize(self) -> None:
         """Sum every process's statistics (call on all ranks before :meth:`summarize`)."""
         if is_dist():
             device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            total = torch.from_numpy(self.stats).to(device)
+            total = torch.from_numpy(np.append(self.stats.ravel(), self.num_images)).to(device)
             dist.all_reduce(total)
-            self.stats = total.cpu().numpy()
+            total = total.cpu().numpy()
+            self.stats, self.num_images = total[:-1].reshape(self.stats.shape), int(total[-1])
 
     def summarize(self) -> dict[str, float]:
         return summarize_pq({c: self.stats[i] for c, i in self._row.items()}, self.isthing)

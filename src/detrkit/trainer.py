@@ -20,13 +20,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
 from .criterion import build_criterion
-from .data.coco import CocoDetection, CocoPanoptic, DatasetError
-from .data.collate import AspectRatioBatchSampler, SkipTracker, collate
+from .data.coco import CocoDetection, CocoPanoptic
+from .data.collate import AspectRatioBatchSampler, ShardSampler, SkipTracker, collate
+from .data.layout import resolve_panoptic, resolve_split
 from .data.synthetic import SynthConfig, write_synthetic
 from .data.transforms import TransformConfig, eval_transforms, train_transforms
 from .distributed import is_dist, is_main_process, pick_device, rank, world_size
@@ -43,48 +44,6 @@ LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
 METRICS = "metrics.jsonl"
 BEST_METRIC = "bbox/AP"  # panoptic runs keep the best panoptic/PQ
-
-
-class ShardSampler(Sampler[int]):
-    """Every process takes every ``world_size``-th index, without padding (so no image is
-    evaluated twice, unlike ``DistributedSampler``)."""
-
-    def __init__(self, length: int) -> None:
-        self.indices = list(range(rank(), length, world_size()))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
-    """(instances JSON, image folder) of ``split`` in a COCO layout (``annotations/instances_{split}.json``
-    + ``{split}/``) or a Roboflow-style export (``{split}/_annotations.coco.json``)."""
-    if root.is_file() and root.suffix == ".json":
-        return root, root.parent
-    candidates = [
-        (root / "annotations" / f"instances_{split}.json", root / split),
-        (root / split / "_annotations.coco.json", root / split),
-        (root / split / "annotations.json", root / split / "images"),
-    ]
-    for ann, images in candidates:
-        if ann.is_file():
-            return ann, images
-    tried = ", ".join(str(a) for a, _ in candidates)
-    raise DatasetError(f"{root}: no annotations for split {split!r} (looked for {tried})")
-
-
-def resolve_panoptic(root: Path, split: str) -> tuple[Path, Path, Path]:
-    """(panoptic JSON, image folder, PNG folder) of ``split`` in the COCO panoptic layout."""
-    ann = root / "annotations" / f"panoptic_{split}.json"
-    if not ann.is_file():
-        raise DatasetError(f"{root}: no panoptic annotations for split {split!r} (looked for {ann})")
-    for pngs in (root / "annotations" / f"panoptic_{split}", root / f"panoptic_{split}"):
-        if pngs.is_dir():
-            return ann, root / split, pngs
-    raise DatasetError(f"{root}: no folder of panoptic PNGs panoptic_{split} next to {ann}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -393,9 +352,16 @@ class Trainer:
         else:
             iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
             evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
-        return evaluate(
-            self.evaluated_model(), val_loader, evaluator, self.device, amp=self.config.amp, criterion=self.criterion
-        )
+        metrics = evaluate(
+            self.evaluated_model(), val_loader, evaluator, self.device, amp=self.config.amp,
+            criterion=self.criterion, skips=SkipTracker(warn=self.log),
+        )  # fmt: skip
+        if metrics["images_unreadable"]:
+            self.log(
+                f"WARNING: {metrics['images_unreadable']:.0f} of {metrics['images']:.0f} validation images "
+                "could not be read; they count as images without detections"
+            )
+        return metrics
 
     def random_backbone_warning(self) -> str | None:
         """Why this run cannot learn, when its backbone starts from random weights without what a

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ..distributed import rank, world_size
 from .coco import SkippedSample
 
 
@@ -104,6 +105,20 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         n = len(self.sampler)  # type: ignore[arg-type]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class ShardSampler(Sampler[int]):
+    """Every process takes every ``world_size``-th index, without padding (so no image is
+    evaluated twice, unlike ``DistributedSampler``)."""
+
+    def __init__(self, length: int) -> None:
+        self.indices = list(range(rank(), length, world_size()))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class SkipTracker:
