@@ -159,13 +159,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .serve import ServeConfig, serve
 
-    detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.max_batch)
+    # Options are checked before the (slow) model load.
     config = ServeConfig(
         threshold=args.threshold,
         max_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
+        max_queue=args.max_queue,
     )
+    detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.max_batch)
     serve(detector, args.host, args.port, config)
     return 0
 
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels", type=positive_int, default=40_000_000, help="largest image accepted (400 above)"
     )
     p.add_argument("--max-batch", type=positive_int, default=8, help="images run through the model together")
+    p.add_argument(
+        "--max-queue", type=positive_int, default=64, help="requests waiting for the model (503 above)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
     p.set_defaults(func=_cmd_serve)
 

@@ -2,8 +2,8 @@
 
 * ``POST /v1/detect`` — multipart upload (field ``image``), optional ``threshold`` query parameter
   -> ``{"width", "height", "detections": [{"box": [x1, y1, x2, y2], "score", "category_id", "name"}]}``.
-  413 when the upload exceeds ``max_bytes``, 400 when the image has more than ``max_pixels``, 415 when
-  it is not an image, 503 when the queue is full.
+  413 when the upload exceeds ``max_bytes``, 400 when the image has more than ``max_pixels`` (or than
+  Pillow's decompression-bomb limit, if lower), 415 when it is not an image, 503 when the queue is full.
 * ``GET /healthz`` — liveness and the model loaded.
 * ``GET /`` — a page to upload an image and see the boxes drawn.
 
@@ -35,6 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .data.images import ImageLoadError, decode_image
 from .detector import Detector
+from .errors import ConfigError
 
 # Room for the multipart envelope around the file itself.
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -47,6 +48,14 @@ class ServeConfig:
     max_pixels: int = 40_000_000
     max_batch: int = 8
     max_queue: int = 64
+
+    def __post_init__(self) -> None:
+        # max_queue=0 would make asyncio.Queue unbounded: no 503, requests pile up without limit.
+        for name in ("max_bytes", "max_pixels", "max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServeConfig.{name}={getattr(self, name)}: must be at least 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"ServeConfig.threshold={self.threshold}: must be between 0 and 1")
 
 
 class _Batcher:
@@ -148,18 +157,20 @@ class _BodyLimit:
 
 def _decode(data: bytes, filename: str, max_pixels: int, detector: Detector):
     """Upload bytes -> ``detector.prepare(picture)``, or an HTTPException (400 / 415). Runs in a
-    worker thread: decoding a large image must not stall the event loop."""
+    worker thread: decoding a large image must not stall the event loop.
+
+    The pixel limit is ``max_pixels`` or Pillow's own decompression-bomb limit, whichever is lower:
+    ``decode_image`` refuses images above Pillow's, and those must get 400 as well, not 415."""
+    limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
     except Image.DecompressionBombError:
-        raise HTTPException(400, f"{filename}: too many pixels; the limit is {max_pixels}") from None
+        raise HTTPException(400, f"{filename}: too many pixels; the limit is {limit}") from None
     except Exception:  # noqa: BLE001 - PIL raises several types for non-images
         raise HTTPException(415, f"{filename}: not an image Pillow can read") from None
-    if width * height > max_pixels:
-        raise HTTPException(
-            400, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
+    if width * height > limit:
+        raise HTTPException(400, f"image is {width}x{height} = {width * height} pixels; the limit is {limit}")
     try:
         picture = decode_image(io.BytesIO(data), filename)
     except ImageLoadError as e:
