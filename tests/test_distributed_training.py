@@ -6,6 +6,8 @@ every validation image when both shards are gathered.
 """
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,11 +86,20 @@ def _train(launcher, out, data, batch_size, *extra):
         *MODEL,
         *extra,
     ]
-    # A hang (ranks whose collectives no longer pair up) fails here instead of blocking the suite.
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    # A hang (ranks whose collectives no longer pair up) fails here instead of blocking the suite;
+    # the whole process group goes, torchrun's workers included.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:8])} ... did not finish in 150 s (ranks out of step?)")
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return record, torch_load_safe(out / "checkpoint_last.pth")["model"], result.stdout
+    return record, torch_load_safe(out / "checkpoint_last.pth")["model"], stdout
 
 
 @pytest.fixture(scope="module")

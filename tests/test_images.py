@@ -126,3 +126,26 @@ def test_bad_files_inside_dataloader_workers(folder):
     batches = list(loader)
     assert sum(len(b) for b in batches) == 2
     assert sorted(s.path.rsplit("/", 1)[-1] for b in batches for s in b.skipped) == ["empty.jpg", "text.jpg"]
+
+
+@pytest.mark.parametrize("name", ["deep16.png", "rotated.jpg", "rgba.png", "palette.png"])
+def test_detector_sees_a_pil_image_as_it_sees_the_file(folder, name):
+    """One conversion path: a 16-bit greyscale PIL image must not turn white, an EXIF-rotated one
+    must be upright, as when the same file is given by path."""
+    import torch
+
+    import detrkit
+    from conftest import shapes_config
+    from detrkit.detector import Detector
+
+    torch.manual_seed(0)
+    detector = Detector(detrkit.build_model(shapes_config()).eval())
+    with Image.open(folder / name) as opened:
+        opened.load()
+        from_pil = detector.prepare(opened)
+    from_path = detector.prepare(folder / name)
+    assert torch.equal(from_pil[0], from_path[0]) and from_pil[1] == from_path[1]
+    if name == "deep16.png":
+        sixteen = np.asarray(Image.open(folder / name))
+        from_array = detector.prepare(sixteen)
+        assert torch.equal(from_array[0], from_path[0])

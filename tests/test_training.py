@@ -535,3 +535,24 @@ def test_eval_counts_unreadable_images_instead_of_dropping_their_ground_truth(tm
     assert detrkit.cli.main([*args, "--out", str(tmp_path / "none")]) == 2
     assert "none of the 4 images" in capsys.readouterr().err
     assert not (tmp_path / "none" / "metrics.json").exists()
+
+
+def test_resume_refuses_what_it_cannot_apply(tmp_path, data_root):
+    """Resuming on a dataset of other classes, or with a model change, would report one thing
+    and train another: refused, naming the option and the way to do it (a new run)."""
+    Trainer(tiny(tmp_path, data_root, epochs=1), log=lambda m: None).fit()
+    run = TrainConfig(output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"model.num_queries=9 would change the model.*--init-from"):
+        Trainer(run, resume=True, overrides={"model.num_queries": 9, "epochs": 2}, log=lambda m: None)
+    # The same value as the run's is no change: accepted.
+    Trainer(run, resume=True, overrides={"model.num_queries": 6, "epochs": 2}, log=lambda m: None)
+
+    other = tmp_path / "other"
+    shutil.copytree(data_root, other)
+    for split in ("train2017", "val2017"):
+        path = other / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        data["categories"][0]["name"] = "cat"
+        path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"classes .*'cat'.* are not the run's .*'rectangle'"):
+        Trainer(run, resume=True, overrides={"data": str(other), "epochs": 2}, log=lambda m: None)

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .checkpoints import load_model
 from .data.collate import pad_images
-from .data.images import load_image
+from .data.images import load_image, to_rgb
 from .data.transforms import TransformConfig, resized_shape
 from .distributed import pick_device
 from .model import Detr
@@ -71,8 +71,10 @@ def _to_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)  # as for a file: 16-bit greyscale must not turn white
     if isinstance(image, np.ndarray):
+        if image.ndim == 2 and image.dtype in (np.uint16, np.int32, np.float32):
+            return to_rgb(Image.fromarray(image))  # 16/32-bit or float greyscale, scaled as in a file
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
@@ -159,7 +161,7 @@ class Detector:
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         # One image at a time: only the resized tensors are kept, not every full-size picture.
-        prepared = [self.prepare(_to_pil(item)) for item in items]
+        prepared = [self.prepare(item) for item in items]
         return self.predict_prepared(
             prepared, threshold, segmentation=segmentation, panoptic_threshold=panoptic_threshold
         )
@@ -175,8 +177,10 @@ class Detector:
             raise ValueError(f"segmentation={segmentation!r} needs a model with a mask head (masks=True)")
         return segmentation
 
-    def prepare(self, image: Image.Image) -> tuple[Tensor, tuple[int, int]]:
-        """``(preprocess(image), (height, width))``: what :meth:`predict_prepared` needs of an image."""
+    def prepare(self, image: ImageInput) -> tuple[Tensor, tuple[int, int]]:
+        """``(preprocess(image), (height, width))``: what :meth:`predict_prepared` needs of an image
+        (any input :meth:`predict` takes; sizes after EXIF orientation)."""
+        image = _to_pil(image)
         return self.preprocess(image), (image.height, image.width)
 
     @torch.inference_mode()

@@ -46,6 +46,13 @@ METRICS = "metrics.jsonl"
 BEST_METRIC = "bbox/AP"  # panoptic runs keep the best panoptic/PQ
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a value from a config file compares equal to the same saved value."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -125,6 +132,16 @@ class Trainer:
     # --- construction -----------------------------------------------------------------------------
     def _resumed_config(self, saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
         base = saved["train_config"]
+        model = saved["detrkit_config"]
+        for key, value in overrides.items():
+            field = key.removeprefix("model.")
+            if key.startswith("model.") and _plain(model.get(field)) != _plain(value):
+                # The resumed model is the saved one: saying "changed" without changing it would lie.
+                raise ConfigError(
+                    f"--resume: {key}={value!r} would change the model of a run in progress (it has "
+                    f"{field}={model.get(field)!r}). Start a new run from it instead: "
+                    f"--init-from {self.out / LAST} --set {key}=... --output-dir NEW_DIR"
+                )
         for key, value in overrides.items():
             old = base.get(key) if not key.startswith("model.") else base["model"].get(key[6:])
             if old != value:
@@ -191,6 +208,14 @@ class Trainer:
             labels.update(masks=True, stuff_ids=self.train_set.stuff_ids)
         if saved is not None:
             config = DetrConfig.from_dict(saved["detrkit_config"])
+            saved_classes = (tuple(config.category_ids or ()), tuple(config.class_names or ()))
+            if saved_classes != (cmap.category_ids, cmap.names):
+                raise ConfigError(
+                    f"--resume: the dataset's classes {dict(zip(cmap.category_ids, cmap.names))} are not the "
+                    f"run's {dict(zip(*saved_classes))}; resuming would train (and name) them wrongly. "
+                    f"To fine-tune on these classes, start a new run: --init-from {self.out / LAST} "
+                    "--output-dir NEW_DIR"
+                )
             return Detr(config)
         source = None
         fields = dict(cfg.model)

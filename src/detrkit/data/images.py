@@ -20,7 +20,15 @@ class ImageLoadError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+ORIENTATION = 274  # the EXIF tag
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An upright 8-bit RGB picture of ``image``, the one conversion every input goes through
+    (files, uploads and PIL images given to the Python API): EXIF orientation applied, 16/32-bit
+    and float greyscale scaled to 0-255 (not clipped), palette/alpha/CMYK/greyscale to RGB."""
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode == "RGB":
         return image
@@ -69,8 +77,7 @@ def decode_image(source: str | os.PathLike | IO[bytes], name: str | os.PathLike)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 image.load()  # decode now, so truncated data fails here and not later
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb(image)
+                return to_rgb(image)
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not an image (unrecognised file format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
