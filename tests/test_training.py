@@ -556,3 +556,17 @@ def test_resume_refuses_what_it_cannot_apply(tmp_path, data_root):
         path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"classes .*'cat'.* are not the run's .*'rectangle'"):
         Trainer(run, resume=True, overrides={"data": str(other), "epochs": 2}, log=lambda m: None)
+
+
+def test_a_new_run_does_not_replace_another_run(tmp_path, data_root):
+    Trainer(tiny(tmp_path, data_root, epochs=1), log=lambda m: None).fit()
+    run = tmp_path / "run"
+    before = (run / LAST).read_bytes()
+    with pytest.raises(ConfigError, match="--output-dir .* pass --overwrite"):
+        Trainer(tiny(tmp_path, data_root, epochs=1, seed=1), log=lambda m: None)
+    assert (run / LAST).read_bytes() == before
+    messages = []
+    Trainer(tiny(tmp_path, data_root, epochs=1, seed=1), log=messages.append, overwrite=True).fit()
+    assert any("removed the previous run's" in m for m in messages)
+    # A fresh log: the old run's epochs are not continued by the new one's.
+    assert [json.loads(line)["epoch"] for line in (run / METRICS).read_text().splitlines()] == [1]

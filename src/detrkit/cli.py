@@ -12,7 +12,10 @@ from .predict_cli import positive_int
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints import convert_checkpoint
+    from .fileio import check_output
 
+    kind = "dir" if args.to == "hf" else "file"
+    check_output(args.dst, option="dst", kind=kind, inputs=[args.src], overwrite=args.overwrite)
     overrides = {"dilation": True} if args.dilation else {}
     path = convert_checkpoint(args.src, args.dst, args.to, **overrides)
     print(f"wrote {path} ({args.to})")
@@ -29,7 +32,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import SynthConfig, write_synthetic
+    from .fileio import check_output
 
+    check_output(args.out, option="--out", kind="dir", overwrite=args.overwrite)
     config = SynthConfig(
         images=args.images,
         seed=args.seed,
@@ -115,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         output_dir = overrides.get("output_dir") or build_config(args.preset, args.config).output_dir
         trainer = Trainer(TrainConfig(output_dir=output_dir), resume=True, overrides=overrides)
     else:
-        trainer = Trainer(build_config(args.preset, args.config, overrides))
+        trainer = Trainer(build_config(args.preset, args.config, overrides), overwrite=args.overwrite)
     trainer.fit()
     return 0
 
@@ -127,8 +132,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from .fileio import check_output
     from .plot import plot_run
 
+    if args.out is not None:
+        # Redrawing a picture is fine; replacing anything else (a checkpoint, the metrics) is not.
+        check_output(args.out, option="--out", overwrite=args.overwrite, replaceable=lambda p: p.suffix == ".png")
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
@@ -136,7 +145,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
     from .export import export_onnx, export_torchscript, onnx_max_diff
+    from .fileio import check_output
 
+    check_output(args.out, option="--out", inputs=[args.weights], overwrite=args.overwrite)
     model = load_model(args.weights)
     if args.format == "onnx":
         path = export_onnx(model, args.out, opset=args.opset)
@@ -185,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dst", help="where to write (a .safetensors / .pth file, or a folder for --to hf)")
     p.add_argument("--to", required=True, choices=("detrkit", "original", "hf"), help="output format")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument(
         "--dilation", action="store_true", help="the source is a DC5 model whose file does not say so"
     )
@@ -197,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --output-dir; given options override"
     )
     p.add_argument("--masks", action="store_true", help="train the mask head too (instance segmentation)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh in an --output-dir that holds another run"
+    )
     p.add_argument(
         "--panoptic", action="store_true", help="COCO panoptic data: things + stuff with masks, PQ evaluation"
     )
@@ -236,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="file to write (.onnx / .pt)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="HTTP detection service with an upload page (FastAPI + uvicorn)")
@@ -257,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a run's loss and AP curves to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (COCO instances + panoptic)")
@@ -267,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=128, help="smallest image side in pixels")
     p.add_argument("--max-size", type=int, default=192, help="largest image side in pixels")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_synth)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .data.images import load_image
 from .detector import Detector, ImageInput, _to_pil
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output
 
 
 @dataclass
@@ -158,6 +158,10 @@ def draw_attention(
 
 
 def run_explain(args) -> int:
+    check_output(
+        args.out, option="--out", inputs=[args.image, args.weights], overwrite=args.overwrite,
+        replaceable=lambda p: p.suffix == ".png",
+    )  # fmt: skip
     detector = Detector.from_pretrained(args.weights, device=args.device)
     maps = attention_maps(detector, load_image(args.image), threshold=args.threshold)
     path = draw_attention(maps, args.out, max_detections=args.max_detections)
@@ -175,4 +179,5 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.7, help="detections shown (default: score > 0.7)")
     p.add_argument("--max-detections", type=int, default=6)
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run_explain)

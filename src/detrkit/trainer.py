@@ -34,7 +34,7 @@ from .distributed import is_dist, is_main_process, pick_device, rank, world_size
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
-from .fileio import atomic_write, write_json_atomic
+from .fileio import atomic_write, check_output, write_json_atomic
 from .model import Detr
 from .pq import PanopticEvaluator
 from .pretrain import pretrain_backbone
@@ -43,6 +43,8 @@ from .train_config import TrainConfig, merge, nest
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
 METRICS = "metrics.jsonl"
+FINAL = "final_metrics.json"
+RUN_FILES = (LAST, BEST, METRICS, FINAL)  # what makes a folder another run's
 BEST_METRIC = "bbox/AP"  # panoptic runs keep the best panoptic/PQ
 
 
@@ -85,10 +87,13 @@ class Trainer:
         resume: bool = False,
         overrides: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
+        overwrite: bool = False,
     ) -> None:
         _setup_distributed((overrides or {}).get("device", config.device))
         self.log = log if is_main_process() else (lambda msg: None)
         self.out = Path(config.output_dir)
+        if not resume:
+            self._claim_output_dir(overwrite)
         saved = None
         if resume:
             path = self.out / LAST
@@ -130,6 +135,21 @@ class Trainer:
                 self.log(f"WARNING: {warning}")
 
     # --- construction -----------------------------------------------------------------------------
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        """A new run must not silently replace another run's checkpoints and extend its metrics:
+        refuse a folder that holds one, unless ``overwrite`` (then its run files are removed)."""
+        previous = [name for name in RUN_FILES if (self.out / name).exists()]
+        check_output(
+            self.out, option="--output-dir", kind="dir", overwrite=overwrite,
+            replaceable=lambda _: not previous,
+        )  # fmt: skip
+        if previous and is_main_process():
+            for name in previous:
+                (self.out / name).unlink()
+            self.log(f"--overwrite: removed the previous run's {', '.join(previous)} from {self.out}")
+        if is_dist():
+            dist.barrier()
+
     def _resumed_config(self, saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
         base = saved["train_config"]
         model = saved["detrkit_config"]
@@ -555,5 +575,5 @@ class Trainer:
                 break
         if metrics and is_main_process():
             self.log(format_metrics(metrics))
-            write_json_atomic(self.out / "final_metrics.json", metrics)
+            write_json_atomic(self.out / FINAL, metrics)
         return metrics
