@@ -59,3 +59,14 @@ def tiny_model():
     model = detrkit.build_model(tiny_config()).eval()
     randomize_buffers(model)
     return model
+
+
+def require(module: str):
+    """Import a declared test dependency (transformers, timm, ...). Where it is missing, the test that
+    needs it fails, never skips: a skip would silently shrink the suite."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"{module} is a test dependency (pip install -e '.[test]'): {e}", pytrace=False)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -56,6 +57,49 @@ def test_outputs_are_in_original_pixels_and_dataset_ids(detector, images):
     assert all(name in ("rectangle", "ellipse", "triangle", "diamond") for name in result.names)
     assert (result.scores[:-1] >= result.scores[1:]).all()
     assert len(detector.predict(images[1], threshold=1.0)[0]) == 0
+
+
+def _constant_output_detector(box_cxcywh, label, logit=6.0):
+    """A detector whose every query predicts ``box_cxcywh`` (normalised) with class ``label``."""
+    torch.manual_seed(0)
+    model = detrkit.build_model(shapes_config())
+    with torch.no_grad():
+        last = model.bbox_embed.layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.logit(torch.tensor(box_cxcywh)))
+        model.class_embed.weight.zero_()
+        model.class_embed.bias.zero_()
+        model.class_embed.bias[label] = logit
+    return detrkit.Detector(model, device="cpu")
+
+
+def test_boxes_are_the_normalised_prediction_in_original_pixels():
+    """A landscape picture the evaluation resize shrinks and a portrait one it enlarges, in one call:
+    the normalised (cx, cy, w, h) comes back as x1, y1, x2, y2 of each original picture."""
+    box = (0.3, 0.6, 0.2, 0.5)
+    detector = _constant_output_detector(box, label=2)
+    rng = np.random.default_rng(0)
+    landscape = rng.integers(0, 255, (170, 300, 3), dtype=np.uint8)  # resized to 113 x 199
+    portrait = rng.integers(0, 255, (260, 90, 3), dtype=np.uint8)  # resized to 199 x 69
+    assert detector.preprocess(Image.fromarray(landscape)).shape[-2:] == (113, 199)
+    assert detector.preprocess(Image.fromarray(portrait)).shape[-2:] == (199, 69)
+    # Twice the landscape's size: the same input size, so it shares the landscape's batch.
+    large = Image.fromarray(rng.integers(0, 255, (340, 600, 3), dtype=np.uint8))
+    assert detector.preprocess(large).shape[-2:] == (113, 199)
+    results = detector.predict([landscape, portrait, large], threshold=0.5)
+    cx, cy, w, h = box
+    for result, (height, width) in zip(results, [(170, 300), (260, 90), (340, 600)]):
+        expected = torch.tensor(
+            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+        )
+        assert len(result) == detector.model.config.num_queries
+        assert torch.allclose(result.boxes, expected.expand(len(result), 4), atol=1e-3), (
+            result.boxes[0],
+            expected,
+        )
+        assert result.labels.tolist() == [4] * len(result) and set(result.names) == {"triangle"}
+        expected_score = np.exp(6.0) / (np.exp(6.0) + 4)  # softmax over 4 classes + no object
+        assert torch.allclose(result.scores, torch.tensor(expected_score, dtype=torch.float32), atol=1e-5)
 
 
 def test_a_batch_equals_one_image_at_a_time(detector, images):

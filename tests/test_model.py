@@ -1,9 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import detrkit
 from conftest import padded_batch, tiny_config
 from detrkit import DetrConfig, PostProcess, build_model
+from detrkit.transformer import Transformer
 
 
 def test_forward_contract(tiny_model):
@@ -164,3 +167,163 @@ def test_postprocess_scales_and_converts_boxes():
     assert result["scores"][0] == pytest.approx(expected.item())
     with pytest.raises(ValueError, match="target_sizes"):
         PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([200, 400]))
+
+
+# --- pre-norm transformer against torch.nn and a port of the original's forward_pre -----------------
+def _prenorm_transformer(seed: int = 0) -> Transformer:
+    """A small pre-norm transformer whose biases and norm affine parameters are random too, so that a
+    misplaced or missing norm (identity at init) shows in the outputs."""
+    torch.manual_seed(seed)
+    model = Transformer(
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=3,
+        dim_feedforward=48,
+        dropout=0.0,
+        normalize_before=True,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.2)
+            elif ".norm" in name or name.startswith(("encoder.norm", "decoder.norm")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _key_padding_mask(batch: int, length: int) -> torch.Tensor:
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[1, -length // 3 :] = True  # the second sequence is padded at the end
+    return mask
+
+
+def _torch_reference(module: nn.Module, reference: nn.Module) -> nn.Module:
+    """``reference`` with ``module``'s weights: detrkit keeps torch.nn's parameter names."""
+    reference.load_state_dict(module.state_dict(), strict=True)
+    return reference.eval()
+
+
+def _no_fast_path(fn, *args, **kwargs):
+    # In inference torch.nn's transformer layers may switch to a fused kernel; with gradients on they
+    # run the plain composition of their modules, the reference meant here.
+    with torch.enable_grad():
+        return fn(*args, **kwargs).detach()
+
+
+def test_pre_norm_layers_match_torch_norm_first_layers():
+    """pos / query_pos zero: DETR's layers are then torch.nn's norm_first layers."""
+    model = _prenorm_transformer()
+    e, heads, ff = 32, 4, 48
+    g = torch.Generator().manual_seed(1)
+    src, tgt = torch.randn(2, 15, e, generator=g), torch.randn(2, 5, e, generator=g)
+    mask = _key_padding_mask(2, 15)
+    kw = dict(dropout=0.0, batch_first=True, norm_first=True)
+    for layer in model.encoder.layers:
+        ref = _torch_reference(layer, nn.TransformerEncoderLayer(e, heads, ff, **kw))
+        with torch.no_grad():
+            ours = layer(src, mask, None)
+        assert _max_diff(ours, _no_fast_path(ref, src, src_key_padding_mask=mask)) < 1e-5
+    for layer in model.decoder.layers:
+        ref = _torch_reference(layer, nn.TransformerDecoderLayer(e, heads, ff, **kw))
+        with torch.no_grad():
+            ours = layer(tgt, src, mask, None, torch.zeros_like(tgt))
+        expected = _no_fast_path(ref, tgt, src, memory_key_padding_mask=mask)
+        assert _max_diff(ours, expected) < 1e-5
+
+    # The stacks, with their final norms (the encoder has one only with pre-norm).
+    assert model.encoder.norm is not None
+    enc_ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(e, heads, ff, **kw), 2, norm=nn.LayerNorm(e), enable_nested_tensor=False
+    )
+    enc_ref = _torch_reference(model.encoder, enc_ref)
+    with torch.no_grad():
+        memory = model.encoder(src, mask, None)
+    assert _max_diff(memory, _no_fast_path(enc_ref, src, src_key_padding_mask=mask)) < 1e-5
+    with torch.no_grad():
+        hs = model.decoder(tgt, memory, mask, None, torch.zeros_like(tgt), return_intermediate=True)
+    for n in range(1, 4):  # intermediate output n = a decoder of the first n layers, normalised
+        dec_ref = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(e, heads, ff, **kw), n, norm=nn.LayerNorm(e)
+        )
+        state = model.decoder.state_dict()
+        dec_ref.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("layers.") or int(k.split(".")[1]) < n}
+        )
+        expected = _no_fast_path(dec_ref.eval(), tgt, memory, memory_key_padding_mask=mask)
+        assert _max_diff(hs[n - 1], expected) < 1e-5
+
+
+def _original_forward_pre(model: Transformer, src, mask, query_embed, pos_embed):
+    """The original DETR's Transformer.forward with normalize_before=True, sequence-first, on
+    torch.nn.MultiheadAttention copies of the attention weights."""
+
+    def mha(attn):
+        ref = nn.MultiheadAttention(attn.embed_dim, attn.num_heads, dropout=0.0)
+        ref.load_state_dict(attn.state_dict(), strict=True)
+        return ref.eval()
+
+    def ffn(layer, x):
+        return layer.linear2(F.relu(layer.linear1(x)))
+
+    bs, c, h, w = src.shape
+    src = src.flatten(2).permute(2, 0, 1)
+    pos = pos_embed.flatten(2).permute(2, 0, 1)
+    query_pos = query_embed.unsqueeze(1).repeat(1, bs, 1)
+    mask = mask.flatten(1)
+    for layer in model.encoder.layers:
+        src2 = layer.norm1(src)
+        q = k = src2 + pos
+        src = src + mha(layer.self_attn)(q, k, value=src2, key_padding_mask=mask)[0]
+        src = src + ffn(layer, layer.norm2(src))
+    memory = model.encoder.norm(src)
+    out = torch.zeros_like(query_pos)
+    intermediate = []
+    for layer in model.decoder.layers:
+        tgt2 = layer.norm1(out)
+        q = k = tgt2 + query_pos
+        out = out + mha(layer.self_attn)(q, k, value=tgt2)[0]
+        tgt2 = layer.norm2(out)
+        out = (
+            out
+            + mha(layer.multihead_attn)(tgt2 + query_pos, memory + pos, value=memory, key_padding_mask=mask)[
+                0
+            ]
+        )
+        out = out + ffn(layer, layer.norm3(out))
+        intermediate.append(model.decoder.norm(out))
+    hs = torch.stack(intermediate).transpose(1, 2)
+    return hs, memory.permute(1, 2, 0).view(bs, c, h, w)
+
+
+def test_pre_norm_transformer_matches_the_original_forward_pre():
+    """With position encodings (added to queries and keys, never values) and a padding mask."""
+    model = _prenorm_transformer(seed=3)
+    g = torch.Generator().manual_seed(4)
+    src = torch.randn(2, 32, 3, 5, generator=g)
+    pos = torch.randn(2, 32, 3, 5, generator=g)
+    query = torch.randn(6, 32, generator=g)
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)
+    mask[1, :, 3:] = True
+    mask[1, 2:, :] = True
+    with torch.no_grad():
+        hs, memory = model(src, mask, query, pos, return_intermediate=True)
+        ref_hs, ref_memory = _original_forward_pre(model, src, mask, query, pos)
+    assert hs.shape == ref_hs.shape == (3, 2, 6, 32)
+    assert _max_diff(memory, ref_memory) < 1e-5
+    assert _max_diff(hs, ref_hs) < 1e-5
+    # The outputs depend on everything checked: not a degenerate comparison.
+    assert hs[-1].std() > 0.3 and memory.std() > 0.3
+
+
+def test_pre_norm_config_builds_a_pre_norm_transformer():
+    model = build_model(tiny_config(pre_norm=True))
+    layers = [*model.transformer.encoder.layers, *model.transformer.decoder.layers]
+    assert all(layer.pre_norm for layer in layers) and model.transformer.encoder.norm is not None
+    model = build_model(tiny_config())
+    layers = [*model.transformer.encoder.layers, *model.transformer.decoder.layers]
+    assert not any(layer.pre_norm for layer in layers) and model.transformer.encoder.norm is None

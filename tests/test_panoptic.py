@@ -84,6 +84,131 @@ def test_panoptic_matches_the_original_algorithm(seed):
         assert len(stuff) == len(set(stuff)), "one segment per stuff class"
 
 
+@pytest.mark.parametrize("orig", [(7, 9), (23, 31), (40, 52), (97, 41), (120, 160)])
+def test_panoptic_matches_the_original_algorithm_at_any_output_size(orig):
+    """Down- (even below the 10x13 mask logits) and upscaled outputs, non-uniform scales included."""
+    is_thing = [True, True, True, False, False]
+    size = (40, 52)
+    for seed in range(3):
+        outputs = random_outputs(seed, batch=1)
+        [result] = PostProcessPanoptic(is_thing)(outputs, torch.tensor([size]), torch.tensor([orig]))
+        ref_ids, ref_segments = original_panoptic(
+            outputs["pred_logits"][0], outputs["pred_masks"][0], size, orig, is_thing
+        )
+        assert result["segments"].shape == orig
+        assert torch.equal(result["segments"], ref_ids + 1)
+        assert [(s["label"], s["area"]) for s in result["segments_info"]] == ref_segments
+
+
+# --- small segments, by hand ---------------------------------------------------------------------------
+# Six queries take part (classes 0 and 1 are things, 2 is stuff); Q4 is not confident and Q5 says "no
+# object", so neither takes part although their mask logits are the highest anywhere. Winning query
+# per pixel (mask logits -10 where not stated):
+#   row 0:  1 1 0 0 0 7 7 7      Q0 (class 0): 5 everywhere
+#   row 1:  1 1 0 0 0 7 7 7      Q1 (class 1): 10 on the 2x2 block (4 px)
+#   row 2:  0 0 0 0 6 6 0 0      Q2 (class 1): 10 on row 5's strip (5 px), 7 at (3, 7)
+#   row 3:  0 0 0 0 6 6 0 3      Q3 (class 0): 10 at (3, 7) (1 px)
+#   row 4:  0 0 0 0 6 6 0 0      Q6 (stuff 2): 10 on its block, 6 under Q7
+#   row 5:  2 2 2 2 2 0 0 0      Q7 (stuff 2): 10 on rows 0-1, columns 5-7
+# Q7 is merged into Q6, the first query of its stuff class, leaving Q7 no pixels. Segments of at most 4
+# pixels (Q1, Q3 and the emptied Q7) are dropped and each of their pixels goes to the best remaining
+# query there: Q1's block to Q0, Q3's pixel to Q2 (7 > 5), Q7's to Q6 (6 > 5).
+SMALL_FINAL = [
+    [0, 0, 0, 0, 0, 6, 6, 6],
+    [0, 0, 0, 0, 0, 6, 6, 6],
+    [0, 0, 0, 0, 6, 6, 0, 0],
+    [0, 0, 0, 0, 6, 6, 0, 2],
+    [0, 0, 0, 0, 6, 6, 0, 0],
+    [2, 2, 2, 2, 2, 0, 0, 0],
+]
+
+
+def small_segment_outputs():
+    classes = [0, 1, 1, 0, 0, 3, 2, 2]  # 3 = no object
+    logits = torch.zeros(1, 8, 4)
+    for q, c in enumerate(classes):
+        if q != 4:  # Q4: uniform probabilities, below the threshold
+            logits[0, q, c] = 10.0
+    m = torch.full((8, 6, 8), -10.0)
+    m[0] = 5.0
+    m[1, 0:2, 0:2] = 10.0
+    m[2, 5, 0:5] = 10.0
+    m[2, 3, 7] = 7.0
+    m[3, 3, 7] = 10.0
+    m[4, 2:4, 2:4] = 20.0
+    m[5, 4, 6] = 20.0
+    m[6, 2:5, 4:6] = 10.0
+    m[6, 0:2, 5:8] = 6.0
+    m[7, 0:2, 5:8] = 10.0
+    return {"pred_logits": logits, "pred_masks": m[None]}
+
+
+def _as_segments(result):
+    """(id, label, isthing, area) of each segment."""
+    return [(s["id"], s["label"], s["isthing"], s["area"]) for s in result["segments_info"]]
+
+
+def test_small_segments_are_dropped_and_their_pixels_reassigned():
+    post = PostProcessPanoptic([True, True, False])
+    [result] = post(small_segment_outputs(), torch.tensor([[6, 8]]), torch.tensor([[6, 8]]))
+    # Ids follow the surviving queries in order: Q0 -> 1, Q2 -> 2, Q6 -> 3.
+    query_to_id = {0: 1, 2: 2, 6: 3}
+    expected = torch.tensor([[query_to_id[q] for q in row] for row in SMALL_FINAL])
+    assert torch.equal(result["segments"], expected)
+    assert _as_segments(result) == [(1, 0, True, 30), (2, 1, True, 6), (3, 2, False, 12)]
+
+
+def test_small_segments_are_judged_at_the_output_size_when_upscaling():
+    """At twice the size Q1's block has 16 pixels and stays; Q3's pixel has 4 and still goes."""
+    post = PostProcessPanoptic([True, True, False])
+    [result] = post(small_segment_outputs(), torch.tensor([[6, 8]]), torch.tensor([[12, 16]]))
+    query_to_id = {0: 1, 1: 2, 2: 3, 6: 4}
+    base = torch.tensor([[query_to_id[q] for q in row] for row in SMALL_FINAL])
+    base[0:2, 0:2] = query_to_id[1]
+    expected = base.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(result["segments"], expected)
+    assert _as_segments(result) == [(1, 0, True, 104), (2, 1, True, 16), (3, 1, True, 24), (4, 2, False, 48)]
+
+
+def test_small_segments_are_judged_at_the_output_size_when_downscaling():
+    """The same prediction at twice the resolution, halved on output: Q1's block has 16 pixels at the
+    model's size but 4 in the output, so it goes, exactly as at the model's own size."""
+    outputs = small_segment_outputs()
+    outputs["pred_masks"] = outputs["pred_masks"].repeat_interleave(2, -2).repeat_interleave(2, -1)
+    post = PostProcessPanoptic([True, True, False])
+    [result] = post(outputs, torch.tensor([[12, 16]]), torch.tensor([[6, 8]]))
+    query_to_id = {0: 1, 2: 2, 6: 3}
+    expected = torch.tensor([[query_to_id[q] for q in row] for row in SMALL_FINAL])
+    assert torch.equal(result["segments"], expected)
+    assert _as_segments(result) == [(1, 0, True, 30), (2, 1, True, 6), (3, 2, False, 12)]
+
+
+def test_a_padded_batch_gives_each_image_the_segments_it_gets_alone():
+    """An image's mask logits padded (edge-replicated, as a model's would be near the border) in a batch
+    with a larger image: the result is the image's own, for both images."""
+    is_thing = [True, True, True, False, False]
+    sizes = [(24, 40), (40, 28)]  # landscape padded at the bottom, portrait on the right
+    origs = [(37, 61), (30, 21)]
+    alone = [random_outputs(seed, batch=1, hw=(h // 4, w // 4)) for seed, (h, w) in zip((7, 8), sizes)]
+    expected = [
+        PostProcessPanoptic(is_thing)(out, torch.tensor([size]), torch.tensor([orig]))[0]
+        for out, size, orig in zip(alone, sizes, origs)
+    ]
+    padded = []
+    for out, (h, w) in zip(alone, sizes):
+        pad = (0, 40 // 4 - w // 4, 0, 40 // 4 - h // 4)
+        padded.append(F.pad(out["pred_masks"], pad, mode="replicate"))
+    batch = {
+        "pred_logits": torch.cat([out["pred_logits"] for out in alone]),
+        "pred_masks": torch.cat(padded),
+    }
+    results = PostProcessPanoptic(is_thing)(batch, torch.tensor(sizes), torch.tensor(origs))
+    for result, own in zip(results, expected):
+        assert len(own["segments_info"]) >= 2, "a test case with several segments"
+        assert torch.equal(result["segments"], own["segments"])
+        assert result["segments_info"] == own["segments_info"]
+
+
 def test_panoptic_with_nothing_confident_is_all_void():
     outputs = random_outputs(0)
     outputs["pred_logits"][..., -1] += 20  # every query says "no object"
