@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .predict_cli import positive_int
+from .predict_cli import bounded, non_negative_int, positive_float, positive_int, probability
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -137,7 +137,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         # Redrawing a picture is fine; replacing anything else (a checkpoint, the metrics) is not.
-        check_output(args.out, option="--out", overwrite=args.overwrite, replaceable=lambda p: p.suffix == ".png")
+        check_output(
+            args.out, option="--out", overwrite=args.overwrite, replaceable=lambda p: p.suffix == ".png"
+        )
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
@@ -235,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--batch-size", type=positive_int, default=2)
-    p.add_argument("--image-scale", type=float, default=None, help="default: what the model was trained with")
+    p.add_argument(
+        "--image-scale", type=positive_float, default=None, help="default: what the model was trained with"
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=non_negative_int, default=2)
     p.set_defaults(func=_cmd_eval)
 
     from .explain import add_parser as add_explain
@@ -250,16 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="file to write (.onnx / .pt)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument(
+        "--opset", type=bounded(int, 18, None, "the ONNX opset"), default=18, help="ONNX opset (default 18)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="HTTP detection service with an upload page (FastAPI + uvicorn)")
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threshold", type=float, default=0.7, help="default score threshold")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (413 above)")
+    p.add_argument("--port", type=bounded(int, 0, 65535, "a TCP port"), default=8000)
+    p.add_argument("--threshold", type=probability, default=0.7, help="default score threshold")
+    p.add_argument(
+        "--max-upload-mb", type=positive_float, default=10.0, help="largest upload accepted (413 above)"
+    )
     p.add_argument(
         "--max-pixels", type=positive_int, default=40_000_000, help="largest image accepted (400 above)"
     )
@@ -278,11 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (COCO instances + panoptic)")
     p.add_argument("--out", required=True, help="dataset root to create")
-    p.add_argument("--images", type=int, default=64, help="training images (default 64)")
-    p.add_argument("--val-images", type=int, default=None, help="validation images (default: a quarter)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-size", type=int, default=128, help="smallest image side in pixels")
-    p.add_argument("--max-size", type=int, default=192, help="largest image side in pixels")
+    p.add_argument("--images", type=positive_int, default=64, help="training images (default 64)")
+    p.add_argument(
+        "--val-images", type=positive_int, default=None, help="validation images (default: a quarter)"
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--min-size", type=positive_int, default=128, help="smallest image side in pixels")
+    p.add_argument("--max-size", type=positive_int, default=192, help="largest image side in pixels")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_synth)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,55 @@ from .errors import ConfigError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type annotation ``hint`` (ints count as floats; bools are not
+    ints; lists fit tuples, as JSON and YAML give them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        return isinstance(value, (tuple, list)) and all(_matches(v, item) for v in value)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def check_types(instance: Any) -> None:
+    """Type-check every field of a config dataclass (values from YAML, TOML, JSON or ``--set``
+    arrive as whatever the file said) and refuse non-finite numbers: one :class:`ConfigError`
+    naming the field, the value and the type expected. Whole floats are stored as floats."""
+    owner = type(instance).__name__
+    for name, hint in typing.get_type_hints(type(instance)).items():
+        value = getattr(instance, name)
+        if not _matches(value, hint):
+            raise ConfigError(f"{owner}.{name}={value!r}: expected {_type_name(hint)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{owner}.{name}={value!r}: must be a finite number")
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and float in typing.get_args(hint) + (hint,)
+        ):
+            object.__setattr__(instance, name, float(value))
 
 
 def construct(cls, data: dict[str, Any], what: str):
@@ -78,6 +130,7 @@ class DetrConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form metadata
 
     def __post_init__(self) -> None:
+        check_types(self)
         # Tuples may arrive as lists (JSON); normalise so the config stays hashable and comparable.
         for name in ("class_names", "category_ids", "stuff_ids"):
             value = getattr(self, name)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .data.images import load_image
 from .detector import Detector, ImageInput, _to_pil
 from .fileio import atomic_write, check_output
+from .predict_cli import positive_int, probability
 
 
 @dataclass
@@ -176,8 +177,10 @@ def add_parser(sub) -> None:
     p.add_argument("image", help="an image file")
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--threshold", type=float, default=0.7, help="detections shown (default: score > 0.7)")
-    p.add_argument("--max-detections", type=int, default=6)
+    p.add_argument(
+        "--threshold", type=probability, default=0.7, help="detections shown (default: score > 0.7)"
+    )
+    p.add_argument("--max-detections", type=positive_int, default=6)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run_explain)

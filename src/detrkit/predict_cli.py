@@ -15,6 +15,7 @@ A file that cannot be read is reported by name and skipped; the exit status is 1
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -273,6 +274,35 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def bounded(kind, low=None, high=None, what: str = "value"):
+    """argparse type: ``kind(text)`` within ``[low, high]`` (either bound optional), refused with
+    a message naming the range instead of failing later deep inside a command."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = (
+                f"between {low} and {high}"
+                if low is not None and high is not None
+                else (f"at least {low}" if low is not None else f"at most {high}")
+            )
+            raise argparse.ArgumentTypeError(f"{value}: {what} must be {span}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+probability = bounded(float, 0.0, 1.0, "a score threshold")
+non_negative_int = bounded(int, 0, None, "a count")
+positive_float = bounded(float, 1e-9, None, "a size")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:
@@ -289,7 +319,7 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or video files")
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.7, help="minimum score (default 0.7)")
+    p.add_argument("--threshold", type=probability, default=0.7, help="minimum score (default 0.7)")
     p.add_argument(
         "--segmentation",
         choices=("auto", "instance", "panoptic", "semantic", "none"),

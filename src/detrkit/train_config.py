@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DetrConfig, construct
+from .config import DetrConfig, check_types, construct
 from .errors import ConfigError
 
 
@@ -59,6 +60,40 @@ class TrainConfig:
     backbone_pretrain_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the option for any value out of its range."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("lr", "lr_backbone", "backbone_pretrain_lr"):
+            if not 0 < getattr(self, name) <= 1:
+                raise bad(name, "a learning rate must be in (0, 1]")
+        if not 0 <= self.weight_decay <= 1:
+            raise bad("weight_decay", "must be in [0, 1]")
+        if self.clip_max_norm < 0:
+            raise bad("clip_max_norm", "must be 0 (no clipping) or positive")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise bad("ema_decay", "must be in (0, 1), e.g. 0.9997")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise bad("time_budget", "must be a positive number of minutes")
+        if not 0 < self.image_scale <= 10:
+            raise bad("image_scale", "must be in (0, 10] (1.0 = the paper's sizes)")
+        for name in ("eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be 0 or more")
+        if self.synth_images < 1:
+            raise bad("synth_images", "must be at least 1")
+        if not 0 <= self.seed < 2**63:
+            raise bad("seed", "must be in [0, 2**63)")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise bad("device", "expected auto, cpu, mps, cuda or cuda:N")
+        for name in ("data", "output_dir", "train_split", "val_split"):
+            if not getattr(self, name).strip():
+                raise bad(name, "must not be empty")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp={self.amp!r}: expected 'none', 'bf16' or 'fp16'")
         for name in ("epochs", "batch_size", "grad_accum", "max_bad_steps", "lr_drop"):
@@ -68,12 +103,14 @@ class TrainConfig:
             raise ConfigError(f"max_steps={self.max_steps}: must be at least 1")
         if self.backbone_pretrain_steps < 0:
             raise ConfigError(f"backbone_pretrain_steps={self.backbone_pretrain_steps}: must be 0 or more")
-        if self.image_scale <= 0:
-            raise ConfigError(f"image_scale={self.image_scale}: must be positive")
         model_fields = {f.name for f in dataclasses.fields(DetrConfig)}
         unknown = sorted(set(self.model) - model_fields)
         if unknown:
             raise ConfigError(f"model: unknown DetrConfig field(s) {', '.join(unknown)}")
+        # The model's own checks, now rather than after the dataset is loaded (the label fields come
+        # from the dataset and are checked with it).
+        labels = ("num_classes", "class_names", "category_ids", "stuff_ids")
+        DetrConfig(**{k: v for k, v in self.model.items() if k not in labels})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
