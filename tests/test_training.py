@@ -570,3 +570,26 @@ def test_a_new_run_does_not_replace_another_run(tmp_path, data_root):
     assert any("removed the previous run's" in m for m in messages)
     # A fresh log: the old run's epochs are not continued by the new one's.
     assert [json.loads(line)["epoch"] for line in (run / METRICS).read_text().splitlines()] == [1]
+
+
+def test_instances_json_as_data_finds_its_images_and_a_run_without_images_stops(tmp_path, data_root, capsys):
+    ann = data_root / "annotations" / "instances_train2017.json"
+    messages = []
+    trainer = Trainer(tiny(tmp_path, data_root, epochs=1, data=str(ann)), log=messages.append)
+    assert trainer.train_set.image_dir == data_root / "train2017"  # not the annotations folder
+    assert any("used for training and validation alike" in m for m in messages)
+    assert trainer.fit()["images"] == 8
+
+    # The same file away from its images: no image loads, so the run stops with a clear error,
+    # without training epochs of nothing and without a "best" checkpoint.
+    lonely = tmp_path / "lonely" / "instances_train2017.json"
+    lonely.parent.mkdir()
+    lonely.write_bytes(ann.read_bytes())
+    out = tmp_path / "nothing"
+    args = ["train", "--data", str(lonely), "--output-dir", str(out), "--epochs", "3", "--num-workers", "0"]
+    args += ["--image-scale", "0.12", "--batch-size", "4"]
+    args += sum((["--set", f"model.{k}={json.dumps(v)}"] for k, v in TINY_MODEL.items()), [])
+    assert detrkit.cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no training image could be loaded in epoch 1" in err and "Traceback" not in err
+    assert not (out / BEST).exists()

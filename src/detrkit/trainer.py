@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
 from .criterion import build_criterion
-from .data.coco import CocoDetection, CocoPanoptic
+from .data.coco import CocoDetection, CocoPanoptic, DatasetError
 from .data.collate import AspectRatioBatchSampler, ShardSampler, SkipTracker, collate
 from .data.layout import resolve_panoptic, resolve_split
 from .data.synthetic import SynthConfig, write_synthetic
 from .data.transforms import TransformConfig, eval_transforms, train_transforms
-from .distributed import is_dist, is_main_process, pick_device, rank, world_size
+from .distributed import any_process, is_dist, is_main_process, pick_device, rank, world_size
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
@@ -201,6 +201,11 @@ class Trainer:
             return train, val
         train_ann, train_dir = resolve_split(root, cfg.train_split)
         val_ann, val_dir = resolve_split(root, cfg.val_split)
+        if val_ann == train_ann:
+            self.log(
+                f"WARNING: --data {cfg.data} is one annotation file: it is used for training and validation "
+                "alike, so validation measures memorisation. Give a dataset root with both splits."
+            )
         train = CocoDetection(train_dir, train_ann, augmentation, masks=masks)
         # The dense backbone pretraining needs the masks even when DETR itself does not.
         self._mask_train_set = lambda: CocoDetection(
@@ -538,6 +543,13 @@ class Trainer:
                 ema=self.ema, max_steps=cfg.max_steps, max_bad_steps=cfg.max_bad_steps, skips=skips, progress=progress,
             )  # fmt: skip
             bar.close()
+            if not train_stats and any_process(skips.epoch_count > 0, self.device):
+                # Nothing trained because nothing loaded (e.g. a wrong image folder): stop now rather
+                # than run every epoch without a step and save an untrained "best" model.
+                raise DatasetError(
+                    f"no training image could be loaded in epoch {epoch + 1} (e.g. "
+                    f"{min(skips.seen, default='on another process')}): check the image folder of {cfg.data}"
+                )
             self.scheduler.step()
             self.state.epoch += 1
             self.state.train_seconds += time.time() - start
