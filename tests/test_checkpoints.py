@@ -231,3 +231,64 @@ def test_trainable_batchnorm_models_round_trip(tmp_path):
         loaded = load_model(save_model(model, tmp_path / name, fmt))
         assert not loaded.config.frozen_bn
         assert_same_outputs(model, loaded)
+
+
+def _tampered(tmp_path, tiny_model, name):
+    """A detrkit checkpoint broken in one way: its file path."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = save_model(tiny_model, tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    state = load_file(good)
+    config = json.loads(meta["config"])
+    out = tmp_path / name
+    if name == "wrong-shape.safetensors":
+        state["class_embed.weight"] = torch.zeros(3, state["class_embed.weight"].shape[1])
+        save_file(state, out, metadata=meta)
+    elif name == "contradicting-config.safetensors":
+        save_file(state, out, metadata={**meta, "config": json.dumps({**config, "num_queries": 3})})
+    elif name == "contradicting-config.pth":
+        torch.save({"model": state, "detrkit_config": {**config, "num_classes": 2}}, out)
+    elif name == "bad-typed-config.safetensors":
+        save_file(state, out, metadata={**meta, "config": json.dumps({**config, "nheads": "eight"})})
+    elif name == "unknown-field.safetensors":
+        save_file(state, out, metadata={**meta, "config": json.dumps({**config, "bogus": 1})})
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("wrong-shape.safetensors", r"class_embed.weight is \[3, \d+\] in the file but \[\d+, \d+\]"),
+        (
+            "contradicting-config.safetensors",
+            r"contradict the checkpoint's config \(.*num_queries=3.*query_embed",
+        ),
+        ("contradicting-config.pth", r"contradict the checkpoint's config \(num_classes=2.*class_embed"),
+        ("bad-typed-config.safetensors", r"DetrConfig.nheads='eight': expected int"),
+        ("unknown-field.safetensors", r"bogus"),
+    ],
+)
+def test_checkpoints_that_contradict_themselves_name_the_file_and_the_key(
+    tmp_path, tiny_model, name, match, capsys
+):
+    path = _tampered(tmp_path, tiny_model, name)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+    # `detrkit info` reads the config without the model: it must notice too.
+    assert detrkit.cli.main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "Traceback" not in err
+
+
+def test_files_are_read_by_their_content_not_their_name(tmp_path, tiny_model):
+    good = save_model(tiny_model, tmp_path / "model.safetensors")
+    renamed = tmp_path / "model.pth"
+    renamed.write_bytes(good.read_bytes())  # never called a pickle
+    assert_same_outputs(load_model(renamed), tiny_model)
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"model": tiny_model.state_dict(), "detrkit_config": tiny_model.config.to_dict()}, pickled)
+    assert_same_outputs(load_model(pickled), tiny_model)

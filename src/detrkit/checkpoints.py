@@ -61,9 +61,14 @@ _ORIGINAL_ARGS = (
 
 def torch_load_safe(path: str | os.PathLike) -> Any:
     """``torch.load`` that refuses anything but tensors, plain containers and ``argparse.Namespace``."""
+    if Path(path).is_file() and not _is_pytorch_file(Path(path)):
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle)"
+        )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # From an open file: torch.load would otherwise pick a reader by the file's name.
+        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -84,6 +89,41 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the 8-byte little-endian length of its JSON header, then ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8
+
+
+def _is_pytorch_file(path: Path) -> bool:
+    """``torch.save`` output: a zip archive, or a legacy pickle (protocol 2+ starts with 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+def _check_shapes(config: DetrConfig, state_dict: StateDict, source: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the tensors whose shapes contradict ``config`` (built on
+    the meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Detr(config).state_dict().items()}
+    wrong = [
+        f"{k} is {list(v.shape)} in the file but {list(expected[k])} for this config"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{source}: the weights contradict the checkpoint's config "
+            f"(num_classes={config.num_classes}, d_model={config.d_model}, num_queries={config.num_queries}, "
+            f"backbone={config.backbone}): {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -171,7 +211,11 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[StateDict, dict[str, Any
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
 
-    if path.suffix == ".safetensors":
+    # By content, not by name: a safetensors file renamed .pth is still read as safetensors (never
+    # called a pickle), and a PyTorch checkpoint named .safetensors goes to the restricted unpickler.
+    if path.suffix == ".safetensors" and not _is_pytorch_file(path) and not _is_safetensors(path):
+        raise CheckpointError(f"{path}: not a readable safetensors file (no safetensors header)")
+    if _is_safetensors(path):
         state_dict, metadata = _read_safetensors(path)
         known: dict[str, Any] = {}
         if metadata.get("format") == "detrkit":
@@ -210,6 +254,7 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
         config = infer_config(state_dict, **known)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
+    _check_shapes(config, state_dict, source)
     model = Detr(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Trainable BatchNorm (frozen_bn=False) counts its updates; the count is not a weight.
@@ -270,4 +315,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fmt: str,
 def config_of(source: str | os.PathLike) -> DetrConfig:
     """The DetrConfig a checkpoint loads with, without building the model."""
     state_dict, known = read_checkpoint(source)
-    return infer_config(state_dict, **known)
+    try:
+        config = infer_config(state_dict, **known)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    _check_shapes(config, state_dict, source)
+    return config
