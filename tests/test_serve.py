@@ -490,3 +490,24 @@ def test_page_in_headless_chromium(server, picture, tmp_path):
         assert "objects in" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
+
+
+def test_a_body_shorter_than_its_content_length_times_out(model):
+    """A client that promises more than it sends must not hold the connection forever: 408 once
+    body_timeout passes, the connection is closed, and the server goes on answering."""
+    with _serving(detrkit.Detector(model, device="cpu"), ServeConfig(body_timeout=1.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_S) as conn:
+            head = (
+                "POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+            )
+            conn.sendall(head.encode() + b"--b\r\n")  # then nothing more
+            start = time.monotonic()
+            reply = b""
+            while chunk := conn.recv(65536):  # until the server closes the connection
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"did not arrive within 1 s" in reply
+        assert time.monotonic() - start < ANSWER_S
+        assert httpx.get(url + "/healthz").status_code == 200

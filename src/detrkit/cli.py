@@ -179,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        body_timeout=args.body_timeout,
     )
     detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.max_batch)
     serve(detector, args.host, args.port, config)
@@ -274,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=8, help="images run through the model together")
     p.add_argument(
         "--max-queue", type=positive_int, default=64, help="requests waiting for the model (503 above)"
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds an upload may take to arrive (408 after; default 30)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
     p.set_defaults(func=_cmd_serve)

@@ -48,8 +48,13 @@ class ServeConfig:
     max_pixels: int = 40_000_000
     max_batch: int = 8
     max_queue: int = 64
+    # Seconds the rest of an upload may take to arrive; a client that sends less than its
+    # Content-Length would otherwise hold the connection (and a slot) forever. 408 when exceeded.
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.body_timeout > 0:
+            raise ConfigError(f"ServeConfig.body_timeout={self.body_timeout}: must be positive")
         # max_queue=0 would make asyncio.Queue unbounded: no 503, requests pile up without limit.
         for name in ("max_bytes", "max_pixels", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
@@ -118,8 +123,8 @@ class _BodyLimit:
     Content-Length header when there is one and by counting the body as it arrives otherwise, so an
     oversized upload is never read (or spooled to disk by the multipart parser) to its end."""
 
-    def __init__(self, app, path: str, limit: int) -> None:
-        self.app, self.path, self.limit = app, path, limit
+    def __init__(self, app, path: str, limit: int, timeout: float) -> None:
+        self.app, self.path, self.limit, self.timeout = app, path, limit, timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path:
@@ -135,11 +140,22 @@ class _BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             await too_large(scope, receive, send)
             return
-        received, answered = 0, False
+        received, answered, complete = 0, False, False
 
         async def counting_receive():
-            nonlocal received, answered
-            message = await receive()
+            nonlocal received, answered, complete
+            if complete:  # the body is in; the app may wait for a disconnect as long as it likes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                answered = True
+                slow = JSONResponse(
+                    {"detail": f"the upload did not arrive within {self.timeout:g} s"}, status_code=408
+                )
+                await slow(scope, receive, send)
+                return {"type": "http.disconnect"}
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request" and not answered:
                 received += len(message.get("body", b""))
                 if received > self.limit:
@@ -190,7 +206,12 @@ def create_app(detector: Detector, config: ServeConfig | None = None):
         await batcher.stop()
 
     app = FastAPI(title="detrkit", lifespan=lifespan)
-    app.add_middleware(_BodyLimit, path="/v1/detect", limit=config.max_bytes + _MULTIPART_OVERHEAD)
+    app.add_middleware(
+        _BodyLimit,
+        path="/v1/detect",
+        limit=config.max_bytes + _MULTIPART_OVERHEAD,
+        timeout=config.body_timeout,
+    )
     page = resources.files("detrkit").joinpath("static/index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse)
