@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import box_convert, masks_to_boxes
 from torchvision import tv_tensors
+from torchvision.ops import box_convert, masks_to_boxes
 from torchvision.transforms import v2
 
 import detrkit.cli
@@ -274,6 +274,7 @@ def test_data_check_finds_every_kind_of_problem(tmp_path, synth_root):
     data["annotations"][2]["bbox"][0] = 1000
     data["annotations"][3]["id"] = data["annotations"][4]["id"]
     data["images"][5]["file_name"] = "missing.jpg"
+    data["annotations"][6]["segmentation"] = [[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]]  # OOM in pycocotools
     bad = tmp_path / "instances_bad.json"
     bad.write_text(json.dumps(data))
     report = check_annotations(bad, synth_root / "train2017")
@@ -285,8 +286,10 @@ def test_data_check_finds_every_kind_of_problem(tmp_path, synth_root):
         "boxes outside the image",
         "duplicate annotation ids",
         "missing image files",
+        "unusable segmentations",
     ):
         assert kind in text, kind
+    assert f"annotation {data['annotations'][6]['id']}: polygon 0 point 1 (nan, 4) is not finite" in text
     assert detrkit.cli.main(["data", "check", str(bad), "--images", str(synth_root / "train2017")]) == 1
     assert detrkit.cli.main(["data", "check", str(synth_root)]) == 0
 

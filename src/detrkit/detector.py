@@ -71,10 +71,10 @@ def _to_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return to_rgb(image)  # as for a file: 16-bit greyscale must not turn white
+        return to_rgb(image, orient=False)  # as for a file: 16-bit greyscale must not turn white
     if isinstance(image, np.ndarray):
         if image.ndim == 2 and image.dtype in (np.uint16, np.int32, np.float32):
-            return to_rgb(Image.fromarray(image))  # 16/32-bit or float greyscale, scaled as in a file
+            return to_rgb(Image.fromarray(image), orient=False)  # 16/32-bit or float greyscale, as in a file
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:

@@ -11,6 +11,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .segmentations import find_bad_segmentations
+
 EXIF_ORIENTATION = 274  # the EXIF tag; values 5-8 swap width and height
 
 
@@ -84,6 +86,7 @@ def check_annotations(
     category_ids = {c.get("id") for c in categories}
 
     annotated = set()
+    segmented = []  # (annotation, width, height): the masks, checked together after the loop
     for ann in annotations:
         aid = ann.get("id")
         image = image_by_id.get(ann.get("image_id"))
@@ -91,6 +94,7 @@ def check_annotations(
             report.error("annotation of an unknown image", f"annotation {aid} -> image {ann.get('image_id')}")
             continue
         annotated.add(ann.get("image_id"))
+        segmented.append((ann, image.get("width"), image.get("height")))
         if ann.get("category_id") not in category_ids:
             report.error("unknown category ids", f"annotation {aid}: category {ann.get('category_id')}")
         bbox = ann.get("bbox")
@@ -107,6 +111,10 @@ def check_annotations(
                 "boxes outside the image (clipped on load)",
                 f"annotation {aid}: [{x}, {y}, {w}, {h}] in a {width}x{height} image",
             )
+
+    # What pycocotools would choke on (a NaN coordinate: unbounded memory; inf or 1e12: a crash).
+    for index, reason in find_bad_segmentations(segmented):
+        report.error("unusable segmentations", f"annotation {segmented[index][0].get('id')}: {reason}")
 
     for img in images:
         if img.get("id") not in annotated:

@@ -29,6 +29,7 @@ from torchvision.ops import box_convert, masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
 from .images import ImageLoadError, load_image
+from .segmentations import find_bad_segmentations
 
 
 class DatasetError(ValueError):
@@ -89,6 +90,13 @@ def _load_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str,
     return data, str(path)
 
 
+# --- segmentation validation -----------------------------------------------------------------------
+# pycocotools trusts what it is given: a NaN polygon coordinate makes it allocate without bound, an
+# infinite or huge one (1e12, -1e9) crashes the process, a wrong RLE size or a compressed RLE that
+# decodes to fewer pixels than the image yields garbage masks. Everything a mask is decoded from is
+# checked here first, once per file, in bulk (numpy over all the coordinates and RLE strings).
+
+
 def _require(data: dict[str, Any], where: str, *keys: str) -> None:
     for key in keys:
         if not isinstance(data.get(key), list):
@@ -136,6 +144,26 @@ class _CocoBase(Dataset):
         self.category_map = category_map or CategoryMap.from_categories(self.data["categories"])
         self.label_of = self.category_map.label_of()  # built once, read for every sample
         self.images = {int(img["id"]): img for img in self.data["images"]}
+
+    def _check_segmentations(self, anns: Sequence[Mapping[str, Any]]) -> None:
+        """Raise DatasetError for the first annotation whose mask pycocotools must not decode."""
+        items = []
+        for ann in anns:
+            info = self.images.get(ann.get("image_id"), {})
+            items.append((ann, info.get("width"), info.get("height")))
+        bad = find_bad_segmentations(items)
+        if bad:
+            ann = anns[bad[0][0]]
+            more = [anns[i].get("id") for i, _ in bad[1:]]
+            others = (
+                f" ({len(more)} more: annotation ids {more[:10]}{', ...' if len(more) > 10 else ''})"
+                if more
+                else ""
+            )
+            raise DatasetError(
+                f"{self.source}: annotation {ann.get('id')} (image {ann.get('image_id')}) has an unusable "
+                f"segmentation: {bad[0][1]}{others}; fix or remove it (`detrkit data check` lists them all)"
+            )
 
     def _check_category_ids(self, used: set[Any]) -> None:
         unknown = sorted(used - set(self.label_of), key=str)
@@ -192,7 +220,8 @@ class CocoDetection(_CocoBase):
         image_dir: folder the ``file_name`` entries are relative to.
         annotations: path to the instances JSON, or the parsed dict.
         transforms: a ``transforms.v2`` pipeline (see :mod:`detrkit.data.transforms`).
-        masks: also return instance masks (polygons and RLE are decoded by pycocotools).
+        masks: also return instance masks (polygons and RLE are decoded by pycocotools, after
+            :func:`find_bad_segmentations` checked them all when the file is loaded).
         category_map: the label space to use (default: the file's categories, sorted by id).
         keep_crowd: keep ``iscrowd`` objects (evaluation does; training drops them, as the original).
         on_error: ``"skip"`` (return :class:`SkippedSample`) or ``"raise"`` for unreadable images.
@@ -225,6 +254,10 @@ class CocoDetection(_CocoBase):
                     f"{self.source}: annotation {ann.get('id')} refers to unknown image {ann.get('image_id')}"
                 )
             self._anns[ann["image_id"]].append(ann)
+        self._segmentations_checked = False
+        if masks:  # before pycocotools ever sees them (a NaN would exhaust memory, an inf crash)
+            self._check_segmentations(data["annotations"])
+            self._segmentations_checked = True
         self.degenerate = self._find_degenerate()
         if self.degenerate:
             warnings.warn(
@@ -262,6 +295,10 @@ class CocoDetection(_CocoBase):
         if self._coco is None:
             from pycocotools.coco import COCO
 
+            if not self._segmentations_checked:  # masks=False: checked now, for whoever decodes one here
+                self._check_segmentations(self.data["annotations"])
+                self._segmentations_checked = True
+
             coco = COCO()
             coco.dataset = self.data
             with contextlib.redirect_stdout(io.StringIO()):
@@ -294,6 +331,12 @@ class CocoDetection(_CocoBase):
             "orig_size": torch.tensor([height, width]),
         }
         if self.masks:
+            unmasked = [a.get("id") for a in anns if not a.get("segmentation")]
+            if unmasked:
+                raise DatasetError(
+                    f"{self.source}: annotation(s) {unmasked[:10]} of image {image_id} have no segmentation, "
+                    "but masks were asked for (masks=True)"
+                )
             if anns:
                 masks = np.stack([self.coco.annToMask(a) for a in anns])
             else:

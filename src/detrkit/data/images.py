@@ -23,11 +23,13 @@ class ImageLoadError(ValueError):
 ORIENTATION = 274  # the EXIF tag
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An upright 8-bit RGB picture of ``image``, the one conversion every input goes through
-    (files, uploads and PIL images given to the Python API): EXIF orientation applied, 16/32-bit
-    and float greyscale scaled to 0-255 (not clipped), palette/alpha/CMYK/greyscale to RGB."""
-    if image.getexif().get(ORIENTATION, 1) != 1:
+def to_rgb(image: Image.Image, *, orient: bool = True) -> Image.Image:
+    """An 8-bit RGB picture of ``image``, the one conversion every input goes through (files,
+    uploads, and PIL images given to the Python API): 16/32-bit and float greyscale scaled to 0-255
+    (not clipped), palette/alpha/CMYK/greyscale to RGB; with ``orient``, EXIF orientation applied
+    (for files and uploads; a PIL image in memory is taken as its pixels stand, as torchvision and
+    transformers do, since Pillow copies stale EXIF through convert() and friends)."""
+    if orient and image.getexif().get(ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode == "RGB":
