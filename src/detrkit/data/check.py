@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .schema import structure_problems
 from .segmentations import find_bad_segmentations
 
 EXIF_ORIENTATION = 274  # the EXIF tag; values 5-8 swap width and height
@@ -56,11 +56,6 @@ def _image_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _duplicates(items: list[dict[str, Any]]) -> list[Any]:
-    counts = Counter(item.get("id") for item in items)
-    return sorted((k for k, n in counts.items() if n > 1), key=str)
-
-
 def check_annotations(
     ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True
 ) -> CheckReport:
@@ -71,17 +66,15 @@ def check_annotations(
     except (OSError, ValueError) as e:
         report.error("unreadable annotation file", str(e))
         return report
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
-            report.error("missing field", f"no '{key}' list")
-    if not report.ok:
+    # The loader's own structural check: the same problems, named the same way. The checks below
+    # read the entries, so they run only on a file whose structure is sound.
+    problems = structure_problems(data)
+    for kind, detail in problems:
+        report.error(kind, detail)
+    if any(not kind.startswith("duplicate") for kind, _ in problems):
         return report
     images, annotations, categories = data["images"], data["annotations"], data["categories"]
     report.stats = {"images": len(images), "annotations": len(annotations), "categories": len(categories)}
-
-    for name, items in (("image", images), ("annotation", annotations), ("category", categories)):
-        for dup in _duplicates(items):
-            report.error(f"duplicate {name} ids", f"id {dup}")
     image_by_id = {img.get("id"): img for img in images}
     category_ids = {c.get("id") for c in categories}
 

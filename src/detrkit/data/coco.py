@@ -29,6 +29,7 @@ from torchvision.ops import box_convert, masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
 from .images import ImageLoadError, load_image
+from .schema import structure_problems
 from .segmentations import find_bad_segmentations
 
 
@@ -90,17 +91,19 @@ def _load_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str,
     return data, str(path)
 
 
-# --- segmentation validation -----------------------------------------------------------------------
-# pycocotools trusts what it is given: a NaN polygon coordinate makes it allocate without bound, an
-# infinite or huge one (1e12, -1e9) crashes the process, a wrong RLE size or a compressed RLE that
-# decodes to fewer pixels than the image yields garbage masks. Everything a mask is decoded from is
-# checked here first, once per file, in bulk (numpy over all the coordinates and RLE strings).
-
-
 def _require(data: dict[str, Any], where: str, *keys: str) -> None:
+    """Refuse a file whose structure is broken (the check ``detrkit data check`` reports in full)."""
     for key in keys:
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{where}: missing or invalid '{key}' list")
+    problems = structure_problems(data)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more problem(s): run `detrkit data check {where}`)"
+            if len(problems) > 1
+            else ""
+        )
+        raise DatasetError(f"{where}: {problems[0][1]}{more}")
 
 
 def _image_tensor(image: Image.Image) -> tv_tensors.Image:
