@@ -60,3 +60,32 @@ def test_bad_values_are_refused_with_a_clear_message(argv, message, capsys, tmp_
     assert message in captured.err, captured.err
     assert "Traceback" not in captured.err + captured.out
     assert not any(tmp_path.iterdir()), "a refused command wrote files"
+
+
+BAD_FILES = [
+    (["plot", "{missing}"], "no metrics log"),
+    (["convert", "{garbage}", "{out}/o.safetensors", "--to", "detrkit"], "not a readable PyTorch checkpoint"),
+    (["info", "{garbage}"], "not a readable PyTorch checkpoint"),
+    (
+        ["predict", "{garbage}", "--weights", "{garbage}", "--out", "{out}/p"],
+        "not a readable PyTorch checkpoint",
+    ),
+    (["eval", "--weights", "{garbage}", "--data", "{missing}"], "not a readable PyTorch checkpoint"),
+    (["explain", "{garbage}", "--weights", "{garbage}", "--out", "{out}/x.png"], "not a readable PyTorch"),
+    (["serve", "--weights", "{garbage}"], "not a readable PyTorch checkpoint"),
+    (["export", "--weights", "{missing}", "--out", "{out}/m.onnx"], "no such file or directory"),
+    (["data", "check", "{missing}"], "no instances_*.json"),
+    (["train", "--data", "{missing}", "--output-dir", "{out}/run"], "no annotations for split"),
+    (["train", "--config", "{garbage}", "--output-dir", "{out}/run"], "garbage.pth: not a config file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_FILES, ids=[" ".join(a[:2]) for a, _ in BAD_FILES])
+def test_every_command_names_a_bad_file_without_a_traceback(argv, message, capsys, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("hello: [not, a, checkpoint\n")
+    paths = {"garbage": garbage, "missing": tmp_path / "nothing-here", "out": tmp_path / "out"}
+    code = detrkit.cli.main([a.format(**paths) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert message in captured.err and "Traceback" not in captured.out + captured.err

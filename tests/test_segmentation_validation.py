@@ -345,11 +345,18 @@ def test_nan_polygon_gives_a_clear_error_not_unbounded_memory(tmp_path):
         """
     )
     # Side by side (torch imports take seconds), both finished before anything is asserted.
+    train = ["-m", "detrkit", "train", "--masks", "--data", str(root), "--set", "val_split=train2017"]
+    train += ["--output-dir", str(tmp_path / "run"), "--epochs", "1", "--num-workers", "0"]
     check, loader = (
         _start_limited(["-m", "detrkit", "data", "check", str(root)]),
         _start_limited(["-c", load]),
     )
     check, loader = _finish(check), _finish(loader)
+    # Mask training reads the file through the same loader: a clear error, not a runaway.
+    rc, out, err = _finish(_start_limited(train))
+    assert rc == 2, f"train --masks: exit {rc}\n{out[-3000:]}\n{err[-3000:]}"
+    assert f"annotation {ann['id']} (image {first}) has an unusable segmentation" in err
+    assert "Traceback" not in out + err
 
     rc, out, err = check
     assert rc == 1, f"data check: exit {rc}\n{out[-3000:]}\n{err[-3000:]}"

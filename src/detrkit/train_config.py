@@ -190,7 +190,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            raise ConfigError("expected a .yaml, .yml, .toml or .json file")
+            raise ConfigError(f"{path}: not a config file (expected .yaml, .yml, .toml or .json)")
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - parser errors of three libraries
