@@ -65,6 +65,10 @@ CASES = {
         "pass --overwrite",
     ),
     "plot over the metrics": (["plot", "{run}", "--out", "{run}/metrics.jsonl"], "pass --overwrite"),
+    "predict into a file": (
+        ["predict", "{image}", "--weights", "{model}", "--out", "{afile}"],
+        "is a file; expected a folder",
+    ),
 }
 
 

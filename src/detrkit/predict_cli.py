@@ -204,8 +204,12 @@ def predict_video(
 
 def run_predict(args: argparse.Namespace) -> int:
     from .detector import Detector
+    from .fileio import check_output
 
-    out = Path(args.out)
+    # A folder of results: refreshed by a new run, but never a file, the weights, or unwritable.
+    out = check_output(
+        args.out, option="--out", kind="dir", inputs=[args.weights], replaceable=lambda _: True
+    )
     files, missing = collect_inputs(args.inputs, exclude=out)
     failures: list[tuple[str, str]] = list(missing)
     for source, reason in missing:
