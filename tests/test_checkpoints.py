@@ -292,3 +292,16 @@ def test_files_are_read_by_their_content_not_their_name(tmp_path, tiny_model):
     pickled = tmp_path / "pickled.safetensors"
     torch.save({"model": tiny_model.state_dict(), "detrkit_config": tiny_model.config.to_dict()}, pickled)
     assert_same_outputs(load_model(pickled), tiny_model)
+
+
+def test_a_model_trained_from_imagenet_weights_loads_offline(tmp_path, tiny_model):
+    """pretrained_backbone=True says how training started; loading must not fetch those weights
+    again (offline it would fail), since the file's weights replace them."""
+    import dataclasses
+
+    tiny_model.config = dataclasses.replace(tiny_model.config, pretrained_backbone=True)
+    try:
+        path = save_model(tiny_model, tmp_path / "from-imagenet.safetensors")
+    finally:
+        tiny_model.config = dataclasses.replace(tiny_model.config, pretrained_backbone=False)
+    assert_same_outputs(load_model(path), tiny_model)

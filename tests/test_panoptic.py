@@ -306,3 +306,27 @@ def test_pq_perfect_and_empty():
     # Nothing predicted: every ground-truth segment is a false negative.
     m = summarize_pq(image_pq_stats(gt, segments, np.zeros_like(gt), []), ISTHING)
     assert m["panoptic/PQ"] == 0.0
+
+
+def test_an_image_whose_png_cannot_be_read_counts_its_segments_as_missed():
+    """Validation must not crash (nor leave other processes waiting) on a missing ground-truth PNG."""
+    from detrkit.data.images import ImageLoadError
+    from detrkit.pq import PanopticEvaluator
+
+    segments = [
+        {"id": 1, "category_id": 1, "iscrowd": 0},
+        {"id": 2, "category_id": 1, "iscrowd": 0},
+        {"id": 3, "category_id": 2, "iscrowd": 1},  # crowd: ignored, never a miss
+    ]
+
+    def ground_truth(image_id):
+        error = ImageLoadError(f"{image_id}.png", "no such file")
+        error.segments_info = segments
+        raise error
+
+    evaluator = PanopticEvaluator({1: True, 2: False}, ground_truth, [1, 2])
+    evaluator.add_unreadable([7])
+    assert evaluator.num_images == 1
+    tp, fp, fn, _ = evaluator.stats[evaluator._row[1]]
+    assert (tp, fp, fn) == (0, 0, 2)
+    assert evaluator.stats[evaluator._row[2]].sum() == 0

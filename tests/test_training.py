@@ -593,3 +593,13 @@ def test_instances_json_as_data_finds_its_images_and_a_run_without_images_stops(
     err = capsys.readouterr().err
     assert "no training image could be loaded in epoch 1" in err and "Traceback" not in err
     assert not (out / BEST).exists()
+
+
+def test_overwrite_never_deletes_the_checkpoint_it_starts_from(tmp_path, data_root):
+    trainer = Trainer(tiny(tmp_path, data_root, epochs=1, ema_decay=0.9), log=lambda m: None)
+    assert trainer.evaluated_model() is trainer.model  # the average holds nothing before a step
+    trainer.fit()
+    source = tmp_path / "run" / BEST
+    with pytest.raises(ConfigError, match="would delete .*the checkpoint --init-from starts from"):
+        Trainer(tiny(tmp_path, data_root, init_from=str(source)), overwrite=True, log=lambda m: None)
+    assert source.exists()

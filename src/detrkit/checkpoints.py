@@ -9,6 +9,7 @@ temporary name and renamed, so an interrupted save never leaves a half-written c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -112,7 +113,8 @@ def _check_shapes(config: DetrConfig, state_dict: StateDict, source: str | os.Pa
     """Raise :class:`CheckpointError` naming the tensors whose shapes contradict ``config`` (built on
     the meta device: no memory, no compute)."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Detr(config).state_dict().items()}
+        shell = Detr(dataclasses.replace(config, pretrained_backbone=False))
+        expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
     wrong = [
         f"{k} is {list(v.shape)} in the file but {list(expected[k])} for this config"
         for k, v in state_dict.items()
@@ -255,7 +257,9 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
     _check_shapes(config, state_dict, source)
-    model = Detr(config)
+    # The file's weights replace the initial ones: a model trained from ImageNet weights
+    # (pretrained_backbone=True) must not download them again, nor fail offline.
+    model = Detr(dataclasses.replace(config, pretrained_backbone=False))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Trainable BatchNorm (frozen_bn=False) counts its updates; the count is not a weight.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

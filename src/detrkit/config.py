@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ def check_types(instance: Any) -> None:
     owner = type(instance).__name__
     for name, hint in typing.get_type_hints(type(instance)).items():
         value = getattr(instance, name)
+        if isinstance(value, os.PathLike) and _matches("", hint):  # a Path where a str is expected
+            value = os.fspath(value)
+            object.__setattr__(instance, name, value)
         if not _matches(value, hint):
             raise ConfigError(f"{owner}.{name}={value!r}: expected {_type_name(hint)}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -169,6 +173,8 @@ class DetrConfig:
             raise bad("d_model", "must be even (half of it encodes x, half y)")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
+        if not 0.0 < self.eos_coef <= 1.0:
+            raise bad("eos_coef", "the no-object class weight must be in (0, 1]")
         if self.masks and (self.d_model % 16 or (self.d_model + self.nheads) % 8):
             raise bad("d_model", "the mask head needs d_model divisible by 16 and d_model + nheads by 8")
         for name in ("class_names", "category_ids"):

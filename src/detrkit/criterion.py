@@ -47,7 +47,8 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
 @dataclass(frozen=True)
 class LossNorm:
     """What the losses of one optimizer step are divided by, so that a step accumulated over
-    several micro-batches equals one step on their union.
+    several micro-batches equals one step on their union (exactly for the class and box losses;
+    the mask losses also depend on each batch's padding, as in any batching).
 
     Attributes:
         num_boxes: target boxes of the whole step, averaged over processes (at least 1); divides

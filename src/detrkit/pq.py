@@ -164,7 +164,15 @@ class PanopticEvaluator:
         """Images that could not be read: predicted as all void, so their segments count as missed."""
         self.num_images += len(image_ids)
         for image_id in image_ids:
-            gt_ids, gt_segments = self.ground_truth(int(image_id))
+            try:
+                gt_ids, gt_segments = self.ground_truth(int(image_id))
+            except Exception as e:  # noqa: BLE001 - the PNG may be what could not be read
+                segments = getattr(e, "segments_info", None)
+                if segments is None:
+                    raise
+                # Without the PNG every segment is simply missed: a 1-pixel map of segment ids is
+                # enough to count them as false negatives (crowd regions still ignored).
+                gt_ids, gt_segments = np.zeros((1, 1), dtype=np.int64), segments
             stats = image_pq_stats(gt_ids, gt_segments, np.zeros_like(gt_ids), [])
             for category, values in stats.items():
                 self.stats[self._row[category]] += values

@@ -141,13 +141,15 @@ class _BodyLimit:
             await too_large(scope, receive, send)
             return
         received, answered, complete = 0, False, False
+        deadline = asyncio.get_running_loop().time() + self.timeout  # for the whole body
 
         async def counting_receive():
             nonlocal received, answered, complete
             if complete:  # the body is in; the app may wait for a disconnect as long as it likes
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                message = await asyncio.wait_for(receive(), left)
             except asyncio.TimeoutError:
                 answered = True
                 slow = JSONResponse(

@@ -109,8 +109,10 @@ class TrainConfig:
             raise ConfigError(f"model: unknown DetrConfig field(s) {', '.join(unknown)}")
         # The model's own checks, now rather than after the dataset is loaded (the label fields come
         # from the dataset and are checked with it).
+        # With init_from, the other fields come from the checkpoint: checked when they are merged.
         labels = ("num_classes", "class_names", "category_ids", "stuff_ids")
-        DetrConfig(**{k: v for k, v in self.model.items() if k not in labels})
+        if self.init_from is None:
+            DetrConfig(**{k: v for k, v in self.model.items() if k not in labels})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -93,7 +93,7 @@ class Trainer:
         self.log = log if is_main_process() else (lambda msg: None)
         self.out = Path(config.output_dir)
         if not resume:
-            self._claim_output_dir(overwrite)
+            self._claim_output_dir(overwrite, config.init_from)
         saved = None
         if resume:
             path = self.out / LAST
@@ -135,10 +135,15 @@ class Trainer:
                 self.log(f"WARNING: {warning}")
 
     # --- construction -----------------------------------------------------------------------------
-    def _claim_output_dir(self, overwrite: bool) -> None:
+    def _claim_output_dir(self, overwrite: bool, source: str | None) -> None:
         """A new run must not silently replace another run's checkpoints and extend its metrics:
         refuse a folder that holds one, unless ``overwrite`` (then its run files are removed)."""
         previous = [name for name in RUN_FILES if (self.out / name).exists()]
+        if overwrite and source and any(Path(source).resolve() == (self.out / n).resolve() for n in previous):
+            raise ConfigError(
+                f"--overwrite would delete {source}, the checkpoint --init-from starts from: "
+                "choose another --output-dir"
+            )
         check_output(
             self.out, option="--output-dir", kind="dir", overwrite=overwrite,
             replaceable=lambda _: not previous,
@@ -232,7 +237,8 @@ class Trainer:
         if cfg.panoptic:
             labels.update(masks=True, stuff_ids=self.train_set.stuff_ids)
         if saved is not None:
-            config = DetrConfig.from_dict(saved["detrkit_config"])
+            # Resumed weights replace the initial ones: no ImageNet download for them.
+            config = dataclasses.replace(DetrConfig.from_dict(saved["detrkit_config"]), pretrained_backbone=False)
             saved_classes = (tuple(config.category_ids or ()), tuple(config.class_names or ()))
             if saved_classes != (cmap.category_ids, cmap.names):
                 raise ConfigError(
@@ -301,7 +307,8 @@ class Trainer:
         dataset = dataset if dataset is not None else self.train_set
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         # One global order of the images per (seed, epoch), split over the processes: N processes
-        # with batch size B see the same images in each step as one process with batch size N * B.
+        # with batch size B see the same images in each step as one process with batch size N * B
+        # (exactly so when all images fall in one aspect-ratio group; the grouping is per process).
         sampler = DistributedSampler(
             dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=cfg.seed
         )
@@ -327,8 +334,11 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def evaluated_model(self) -> Detr:
-        """The weights that are evaluated and saved as the model: the EMA average when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights that are evaluated and saved as the model: the EMA average when there is one
+        (once it has averaged anything: before the first step it is a copy of the initial weights)."""
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return self.model
 
     def _checkpoint(self) -> dict[str, Any]:
         # "model" holds the evaluated weights, so every reader of the checkpoint (load_model, eval,
@@ -457,19 +467,19 @@ class Trainer:
 
     def _pretrain_backbone(self) -> None:
         cfg = self.config
-        dataset = self._mask_train_set()
         unmasked = [
             a.get("id")
-            for a in dataset.data["annotations"]
+            for a in self.train_set.data["annotations"]
             if not a.get("iscrowd") and not a.get("segmentation") and "segments_info" not in a
         ]
         if unmasked:
             shown = ", ".join(str(i) for i in unmasked[:5]) + (", ..." if len(unmasked) > 5 else "")
             raise ConfigError(
                 f"backbone_pretrain_steps={cfg.backbone_pretrain_steps} needs instance masks, but "
-                f"{len(unmasked)} annotation(s) in {dataset.source} have no segmentation (ids {shown}); "
+                f"{len(unmasked)} annotation(s) in {self.train_set.source} have no segmentation (ids {shown}); "
                 "set backbone_pretrain_steps=0 for box-only data"
             )
+        dataset = self._mask_train_set()
         self.log(
             f"backbone pretraining: {cfg.backbone_pretrain_steps} steps of dense classification "
             f"on {len(dataset)} images (lr {cfg.backbone_pretrain_lr:g})"
@@ -543,11 +553,12 @@ class Trainer:
                 ema=self.ema, max_steps=cfg.max_steps, max_bad_steps=cfg.max_bad_steps, skips=skips, progress=progress,
             )  # fmt: skip
             bar.close()
-            if not train_stats and any_process(skips.epoch_count > 0, self.device):
+            share = len(train_loader.batch_sampler.sampler)  # this process's samples this epoch
+            if not train_stats and any_process(share > 0 and skips.epoch_count >= share, self.device):
                 # Nothing trained because nothing loaded (e.g. a wrong image folder): stop now rather
                 # than run every epoch without a step and save an untrained "best" model.
                 raise DatasetError(
-                    f"no training image could be loaded in epoch {epoch + 1} (e.g. "
+                    f"no training image could be loaded in epoch {epoch + 1}, on at least one process (e.g. "
                     f"{min(skips.seen, default='on another process')}): check the image folder of {cfg.data}"
                 )
             self.scheduler.step()
@@ -561,6 +572,8 @@ class Trainer:
                 or (cfg.max_steps is not None and self.state.step >= cfg.max_steps)
                 or out_of_budget()
             )
+            # Each process has its own clock: the time budget must end the run on all of them at once.
+            finished = any_process(finished, self.device)
             record: dict[str, Any] = {
                 "epoch": self.state.epoch,
                 "step": self.state.step,

@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError, load_image, to_rgb
 from .schema import structure_problems
 from .segmentations import find_bad_segmentations
 
@@ -181,7 +181,7 @@ class _CocoBase(Dataset):
         if self.in_memory is not None:
             if file_name not in self.in_memory:
                 raise ImageLoadError(file_name, f"not among the in-memory images ({where})")
-            return self.in_memory[file_name].convert("RGB")
+            return to_rgb(self.in_memory[file_name], orient=False)
         path = self.image_dir / file_name
         try:
             image = load_image(path)
@@ -262,6 +262,23 @@ class CocoDetection(_CocoBase):
             self._check_segmentations(data["annotations"])
             self._segmentations_checked = True
         self.degenerate = self._find_degenerate()
+        if masks:
+            # Found now, not by one DataLoader worker in the middle of an epoch (other processes
+            # of a DDP run would wait for it forever).
+            unmasked = [
+                a.get("id")
+                for anns in self._anns.values()
+                for a in anns
+                if (keep_crowd or not a.get("iscrowd", 0))
+                and a.get("id") not in self.degenerate
+                and not a.get("segmentation")
+            ]
+            if unmasked:
+                shown = ", ".join(map(str, unmasked[:10])) + (", ..." if len(unmasked) > 10 else "")
+                raise DatasetError(
+                    f"{self.source}: {len(unmasked)} annotation(s) have no segmentation (ids {shown}), "
+                    "but masks were asked for (masks=True); train boxes only, or add the masks"
+                )
         if self.degenerate:
             warnings.warn(
                 f"{self.source}: {len(self.degenerate)} box(es) with zero area after clipping to the image will "
@@ -405,7 +422,12 @@ class CocoPanoptic(_CocoBase):
 
     def ground_truth(self, image_id: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """(segment-id map int64[H, W], segments_info) of ``image_id`` at its original size (for PQ)."""
-        return self.segment_ids(image_id), self.annotations[image_id]["segments_info"]
+        segments = self.annotations[image_id]["segments_info"]
+        try:
+            return self.segment_ids(image_id), segments
+        except ImageLoadError as e:
+            e.segments_info = segments  # what PanopticEvaluator.add_unreadable needs to count the misses
+            raise
 
     def segment_ids(self, image_id: int) -> np.ndarray:
         """The PNG of ``image_id`` as int64[H, W] segment ids."""

@@ -19,6 +19,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -MAX_ID <= value <= MAX_ID
 
 
+def _is_whole(value: Any) -> bool:
+    """An integer, or a float with no fractional part (some exporters write 640.0)."""
+    return _is_int(value) or (_is_number(value) and float(value).is_integer())
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -43,7 +48,7 @@ def _entry_problems(kind: str, index: int, entry: Any) -> Iterator[tuple[str, st
     if kind == "images":
         yield from field("file_name", lambda v: isinstance(v, str) and v.strip(), "a file name")
         for name in ("width", "height"):
-            yield from field(name, lambda v: _is_int(v) and v > 0, "a positive integer", required=False)
+            yield from field(name, lambda v: _is_whole(v) and v > 0, "a positive integer", required=False)
     elif kind == "annotations":
         yield from field("image_id", _is_int, "an integer")
         if "segments_info" in entry:  # COCO panoptic
@@ -64,12 +69,12 @@ def _entry_problems(kind: str, index: int, entry: Any) -> Iterator[tuple[str, st
             required=False,
         )
         yield from field(
-            "iscrowd", lambda v: v in (0, 1) and not isinstance(v, float), "0 or 1", required=False
+            "iscrowd", lambda v: _is_whole(v) and v in (0, 1), "0 or 1", required=False
         )
     elif kind == "segments_info":
         yield from field("category_id", _is_int, "an integer")
         yield from field(
-            "iscrowd", lambda v: v in (0, 1) and not isinstance(v, float), "0 or 1", required=False
+            "iscrowd", lambda v: _is_whole(v) and v in (0, 1), "0 or 1", required=False
         )
     elif kind == "categories":
         yield from field("name", lambda v: isinstance(v, str), "a string", required=False)
