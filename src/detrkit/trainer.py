@@ -238,7 +238,9 @@ class Trainer:
             labels.update(masks=True, stuff_ids=self.train_set.stuff_ids)
         if saved is not None:
             # Resumed weights replace the initial ones: no ImageNet download for them.
-            config = dataclasses.replace(DetrConfig.from_dict(saved["detrkit_config"]), pretrained_backbone=False)
+            config = dataclasses.replace(
+                DetrConfig.from_dict(saved["detrkit_config"]), pretrained_backbone=False
+            )
             saved_classes = (tuple(config.category_ids or ()), tuple(config.class_names or ()))
             if saved_classes != (cmap.category_ids, cmap.names):
                 raise ConfigError(

@@ -68,14 +68,10 @@ def _entry_problems(kind: str, index: int, entry: Any) -> Iterator[tuple[str, st
             "[x, y, width, height], 4 finite numbers",
             required=False,
         )
-        yield from field(
-            "iscrowd", lambda v: _is_whole(v) and v in (0, 1), "0 or 1", required=False
-        )
+        yield from field("iscrowd", lambda v: _is_whole(v) and v in (0, 1), "0 or 1", required=False)
     elif kind == "segments_info":
         yield from field("category_id", _is_int, "an integer")
-        yield from field(
-            "iscrowd", lambda v: _is_whole(v) and v in (0, 1), "0 or 1", required=False
-        )
+        yield from field("iscrowd", lambda v: _is_whole(v) and v in (0, 1), "0 or 1", required=False)
     elif kind == "categories":
         yield from field("name", lambda v: isinstance(v, str), "a string", required=False)
 
