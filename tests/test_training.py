@@ -544,6 +544,8 @@ def test_resume_refuses_what_it_cannot_apply(tmp_path, data_root):
     run = TrainConfig(output_dir=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"model.num_queries=9 would change the model.*--init-from"):
         Trainer(run, resume=True, overrides={"model.num_queries": 9, "epochs": 2}, log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"image_scale=0.5 would change the model"):
+        Trainer(run, resume=True, overrides={"image_scale": 0.5}, log=lambda m: None)
     # The same value as the run's is no change: accepted.
     Trainer(run, resume=True, overrides={"model.num_queries": 6, "epochs": 2}, log=lambda m: None)
 

@@ -158,6 +158,14 @@ class Trainer:
     def _resumed_config(self, saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
         base = saved["train_config"]
         model = saved["detrkit_config"]
+        for key in ("image_scale", "freeze_backbone", "panoptic"):
+            # Built into the saved model (its input size, trainable parts, heads): not changeable.
+            if key in overrides and _plain(overrides[key]) != _plain(base.get(key)):
+                raise ConfigError(
+                    f"--resume: {key}={overrides[key]!r} would change the model of a run in progress "
+                    f"(it has {key}={base.get(key)!r}). Start a new run from it instead: "
+                    f"--init-from {self.out / LAST} --output-dir NEW_DIR"
+                )
         for key, value in overrides.items():
             field = key.removeprefix("model.")
             if key.startswith("model.") and _plain(model.get(field)) != _plain(value):
