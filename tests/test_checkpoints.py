@@ -305,3 +305,33 @@ def test_a_model_trained_from_imagenet_weights_loads_offline(tmp_path, tiny_mode
     finally:
         tiny_model.config = dataclasses.replace(tiny_model.config, pretrained_backbone=False)
     assert_same_outputs(load_model(path), tiny_model)
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("activation_function", "gelu"),
+        ("num_channels", 1),
+        ("encoder_layerdrop", 0.1),
+        ("decoder_layerdrop", 0.2),
+        ("decoder_attention_heads", 4),
+        ("decoder_ffn_dim", 17),
+        ("backbone", "tf_mobilenetv3_small_075"),
+    ],
+)
+def test_transformers_options_detrkit_cannot_honour_are_refused_by_name(tmp_path, tiny_model, option, value):
+    folder = save_model(tiny_model, tmp_path / "hf", fmt="hf")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("detrkit_config", None)  # as transformers itself writes it
+    assert load_model(_with_config(folder, config, tmp_path / "plain")) is not None
+    config[option] = value
+    with pytest.raises(CheckpointError, match=rf"{option}={value!r}"):
+        load_model(_with_config(folder, config, tmp_path / "refused"))
+
+
+def _with_config(folder, config, out):
+    import shutil
+
+    shutil.copytree(folder, out, dirs_exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -183,7 +183,10 @@ def _read_hf_dir(path: Path) -> tuple[StateDict, dict[str, Any]]:
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a state dict of tensors")
     else:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
-    known = config_from_hf(hf)
+    try:
+        known = config_from_hf(hf)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if isinstance(hf.get("detrkit_config"), dict):
         known.update(hf["detrkit_config"])  # written by detrkit: lossless round trip
     return _from_layout(state_dict, path), known

@@ -291,8 +291,48 @@ def hf_config_dict(config: DetrConfig) -> dict[str, Any]:
     }
 
 
+# transformers DetrConfig options detrkit cannot honour: (option, allowed value(s), why). A folder
+# that sets one otherwise is refused by name instead of being loaded as a different network.
+_HF_REFUSED = (
+    ("activation_function", ("relu",), "detrkit's feed-forward layers use ReLU, as the original DETR"),
+    ("num_channels", (3,), "the backbones take RGB images"),
+    ("encoder_layerdrop", (0, 0.0), "layer dropout is not implemented"),
+    ("decoder_layerdrop", (0, 0.0), "layer dropout is not implemented"),
+)
+
+
+def _refuse_unsupported_hf_options(hf: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first transformers option that would change the network
+    into one detrkit does not build (see the README's table of options)."""
+    for option, allowed, why in _HF_REFUSED:
+        if option in hf and hf[option] not in allowed:
+            raise ValueError(
+                f"config.json sets {option}={hf[option]!r}, which detrkit does not support: {why}"
+            )
+    for a, b, what in (
+        ("encoder_attention_heads", "decoder_attention_heads", "attention heads"),
+        ("encoder_ffn_dim", "decoder_ffn_dim", "feed-forward widths"),
+    ):
+        if a in hf and b in hf and hf[a] != hf[b]:
+            raise ValueError(
+                f"config.json sets {a}={hf[a]} but {b}={hf[b]}: detrkit's encoder and decoder share their {what}"
+            )
+    backbone = hf.get("backbone")
+    if hf.get("use_timm_backbone", True) and backbone and backbone not in _TIMM_RESNETS:
+        raise ValueError(
+            f"config.json sets backbone={backbone!r}: detrkit builds the ResNets "
+            f"({', '.join(_TIMM_RESNETS)}) only"
+        )
+
+
+_TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """DetrConfig fields that a transformers ``config.json`` states (the rest come from the weights)."""
+    """DetrConfig fields that a transformers ``config.json`` states (the rest come from the weights).
+
+    Raises ``ValueError`` naming an option that would make it a network detrkit does not build."""
+    _refuse_unsupported_hf_options(hf)
     fields: dict[str, Any] = {}
     if "encoder_attention_heads" in hf:
         fields["nheads"] = int(hf["encoder_attention_heads"])
