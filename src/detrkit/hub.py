@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,3 +116,84 @@ def download_official(name: str, *, url: str | None = None, progress: bool = Tru
             f"delete it and download {url} again"
         )
     return dst
+
+
+# --- Hugging Face Hub repositories ----------------------------------------------------------------
+# "owner/name" or "owner/name@revision" (a branch, tag or commit), as transformers users write them.
+HUB_REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` reads as a Hub repository id (a local path of that name wins, checked first)."""
+    return bool(HUB_REPO.match(source))
+
+
+def download_hub_repo(source: str, *, token: str | bool | None = None) -> Path:
+    """Fetch ``config.json`` and the weights of a DETR repository on the Hugging Face Hub into its
+    usual cache (``HF_HOME``; ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` honoured, as by
+    ``transformers``) and return the local folder that holds them."""
+    match = HUB_REPO.match(source)
+    if match is None:
+        raise CheckpointError(f"{source}: not a Hugging Face Hub repository id (owner/name[@revision])")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise CheckpointError(
+            f"{source}: loading from the Hugging Face Hub needs huggingface_hub (pip install huggingface_hub)"
+        ) from None
+    repo, revision = match["repo"], match["revision"]
+    where = f"{repo}" + (f" at revision {revision!r}" if revision else "")
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo, filename, revision=revision, token=token))
+
+    try:
+        config = fetch("config.json")
+        not_cached = None
+        for filename in WEIGHT_FILES:
+            try:
+                fetch(filename)
+                return config.parent
+            except LocalEntryNotFoundError as e:  # offline: the other file may be in the cache
+                not_cached = e
+            except EntryNotFoundError:  # the repository has the other format
+                continue
+        if not_cached is not None:
+            raise not_cached
+        raise CheckpointError(f"{where}: the repository has no {' or '.join(WEIGHT_FILES)}")
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
+        raise CheckpointError(
+            f"{where}: not in the local Hugging Face cache ({_hf_cache()}) and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1). Download it once online, or pass a local folder."
+        ) from None
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{where}: a gated repository; accept its terms on the Hub and set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{where}: no such repository on the Hugging Face Hub, or a private one (set HF_TOKEN); "
+            "a local folder of that name would have been used first"
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{where}: the repository has no such revision") from None
+    except EntryNotFoundError:
+        raise CheckpointError(
+            f"{where}: the repository has no config.json (not a transformers model)"
+        ) from None
+    except OSError as e:  # network errors that huggingface_hub does not translate
+        raise CheckpointError(f"{where}: download from the Hugging Face Hub failed ({e})") from None
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
