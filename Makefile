@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 
 demo: setup
-	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --time-budget $(DEMO_MINUTES)
+	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --time-budget $(DEMO_MINUTES) --overwrite
 	$(PY) -m detrkit plot runs/demo
 	$(PY) -m detrkit predict runs/demo/synthetic-data/val2017 --weights runs/demo/checkpoint_best.pth \
 		--out runs/demo/predictions --threshold 0.5

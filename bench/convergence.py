@@ -35,13 +35,14 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="training option overrides"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     args = parser.parse_args()
 
     out = Path(args.out)
     overrides = dict(parse_assignment(a) for a in args.set)
     overrides.update(output_dir=str(out / "run"), time_budget=args.minutes, epochs=10_000, eval_every=1)
     config = build_config(args.preset, overrides=overrides)
-    Trainer(config).fit()
+    Trainer(config, overwrite=args.overwrite).fit()
 
     records = [json.loads(line) for line in (out / "run" / METRICS).read_text().splitlines() if line.strip()]
     curve = [
