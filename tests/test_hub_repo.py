@@ -14,8 +14,8 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import padded_batch
-from test_parity_hf import assert_close, hf_model, hf_outputs
+from conftest import padded_batch, require
+from test_parity_hf import SMALL, assert_close, hf_model, hf_outputs
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -70,9 +70,14 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     model = hf_model(segmentation=False)
     model.save_pretrained(root / "tiny-detr")  # as transformers writes a repository
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(HubHandler, repos={"someone/tiny-detr": root / "tiny-detr"})
-    )
+    # A stand-in for an official panoptic repository: 250 labels, as theirs, on a tiny network.
+    transformers = require("transformers")
+    require("timm")
+    small = {**SMALL, "id2label": {i: f"class{i}" for i in range(250)}}
+    config = transformers.DetrConfig(use_timm_backbone=True, backbone="resnet18", **small)
+    transformers.DetrForSegmentation(config).save_pretrained(root / "panoptic")
+    repos = {"someone/tiny-detr": root / "tiny-detr", "facebook/detr-resnet-50-panoptic": root / "panoptic"}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(HubHandler, repos=repos))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield model, f"http://127.0.0.1:{server.server_address[1]}", server
@@ -152,3 +157,15 @@ def test_a_local_folder_of_the_same_name_wins(hub, tmp_path, monkeypatch):
     loaded = detrkit.load_model("someone/tiny-detr")  # no server, no network: the folder
     with torch.no_grad():
         assert_close(hf_outputs(model, images, padding_mask), loaded(images, padding_mask))
+
+
+def test_official_panoptic_repositories_know_their_stuff_classes(hub, tmp_path):
+    """Their config.json names 250 labels without saying which are stuff; detrkit knows (91-249)."""
+    _, endpoint, _ = hub
+    show = (
+        "import detrkit; d = detrkit.Detector.from_pretrained('facebook/detr-resnet-50-panoptic'); "
+        "c = d.model.config; print(c.masks, c.stuff_ids[0], c.stuff_ids[-1], len(c.stuff_ids), d.default_segmentation)"
+    )
+    result = _run(["-c", show], tmp_path / "home", endpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "91", "249", "159", "panoptic"]

@@ -197,14 +197,15 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[StateDict, dict[str, Any
     file states (the rest is inferred from the weights by :func:`detrkit.convert.infer_config`)."""
     path = Path(source)
     if not path.exists():  # a local file or folder always wins over a name
-        from .hub import OFFICIAL_CHECKPOINTS, download_hub_repo, download_official, is_hub_id
+        from .hub import OFFICIAL_CHECKPOINTS, download_hub_repo, download_official, hub_config, is_hub_id
 
         if str(source) in OFFICIAL_CHECKPOINTS:
             path = download_official(str(source))
             state_dict, known = read_checkpoint(path)
             return state_dict, {**OFFICIAL_CHECKPOINTS[str(source)].config, **known}
         if is_hub_id(str(source)):
-            return _read_hf_dir(download_hub_repo(str(source)))
+            state_dict, known = _read_hf_dir(download_hub_repo(str(source)))
+            return state_dict, {**hub_config(str(source)), **known}
         raise CheckpointError(
             f"{source}: no such file or directory, not an official checkpoint name "
             f"({', '.join(OFFICIAL_CHECKPOINTS)}), nor a Hugging Face Hub id (owner/name[@revision])"

@@ -119,6 +119,14 @@ def download_official(name: str, *, url: str | None = None, progress: bool = Tru
 
 
 # --- Hugging Face Hub repositories ----------------------------------------------------------------
+# What the official repositories' config.json cannot say: which of the panoptic models' 250 labels
+# are stuff (their id2label names them, without a thing/stuff flag).
+HUB_CONFIGS: dict[str, dict[str, Any]] = {
+    "facebook/detr-resnet-50-panoptic": _PANOPTIC,
+    "facebook/detr-resnet-50-dc5-panoptic": _PANOPTIC,
+    "facebook/detr-resnet-101-panoptic": _PANOPTIC,
+}
+
 # "owner/name" or "owner/name@revision" (a branch, tag or commit), as transformers users write them.
 HUB_REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -127,6 +135,12 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def is_hub_id(source: str) -> bool:
     """Whether ``source`` reads as a Hub repository id (a local path of that name wins, checked first)."""
     return bool(HUB_REPO.match(source))
+
+
+def hub_config(source: str) -> dict[str, Any]:
+    """DetrConfig fields known for an official Hub repository beyond its config.json (else {})."""
+    match = HUB_REPO.match(source)
+    return dict(HUB_CONFIGS.get(match["repo"], {})) if match else {}
 
 
 def download_hub_repo(source: str, *, token: str | bool | None = None) -> Path:
