@@ -455,7 +455,7 @@ class Trainer:
         return (
             f"the {model.backbone} backbone starts from random weights and {', '.join(problems)}: "
             "DETR's recipe needs a pretrained backbone, and this run is unlikely to learn anything. "
-            "Use one of: --init-from a trained DETR (e.g. detr-resnet-50, or a checkpoint); "
+            "Use one of: --init-from a trained DETR (e.g. detr-r50, facebook/detr-resnet-50, or a checkpoint); "
             "--set model.pretrained_backbone=true (ImageNet weights, downloaded by torchvision); or train "
             "the backbone from scratch with --set model.frozen_bn=false --set backbone_pretrain_steps=800 "
             "(as the cpu-tiny preset does)."
