@@ -109,12 +109,21 @@ def _is_pytorch_file(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
-def _check_shapes(config: DetrConfig, state_dict: StateDict, source: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointError` naming the tensors whose shapes contradict ``config`` (built on
-    the meta device: no memory, no compute)."""
-    with torch.device("meta"):
-        shell = Detr(dataclasses.replace(config, pretrained_backbone=False))
-        expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+def _build(config: DetrConfig) -> Detr:
+    """The model a checkpoint's weights go into: never with ImageNet weights (the file's replace
+    them; a model trained from them must not download them again, nor fail offline)."""
+    return Detr(dataclasses.replace(config, pretrained_backbone=False))
+
+
+def _check_shapes(
+    config: DetrConfig, state_dict: StateDict, source: str | os.PathLike, model: Detr | None = None
+) -> None:
+    """Raise :class:`CheckpointError` naming the tensors whose shapes contradict ``config``, as
+    built in ``model`` (or on the meta device: no memory, no compute)."""
+    if model is None:
+        with torch.device("meta"):
+            model = _build(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = [
         f"{k} is {list(v.shape)} in the file but {list(expected[k])} for this config"
         for k, v in state_dict.items()
@@ -221,9 +230,10 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[StateDict, dict[str, Any
 
     # By content, not by name: a safetensors file renamed .pth is still read as safetensors (never
     # called a pickle), and a PyTorch checkpoint named .safetensors goes to the restricted unpickler.
-    if path.suffix == ".safetensors" and not _is_pytorch_file(path) and not _is_safetensors(path):
+    safetensors = _is_safetensors(path)
+    if path.suffix == ".safetensors" and not safetensors and not _is_pytorch_file(path):
         raise CheckpointError(f"{path}: not a readable safetensors file (no safetensors header)")
-    if _is_safetensors(path):
+    if safetensors:
         state_dict, metadata = _read_safetensors(path)
         known: dict[str, Any] = {}
         if metadata.get("format") == "detrkit":
@@ -262,10 +272,8 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
         config = infer_config(state_dict, **known)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
-    _check_shapes(config, state_dict, source)
-    # The file's weights replace the initial ones: a model trained from ImageNet weights
-    # (pretrained_backbone=True) must not download them again, nor fail offline.
-    model = Detr(dataclasses.replace(config, pretrained_backbone=False))
+    model = _build(config)
+    _check_shapes(config, state_dict, source, model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Trainable BatchNorm (frozen_bn=False) counts its updates; the count is not a weight.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -109,7 +109,7 @@ def train_one_epoch(
         if any_process(not usable, device):
             continue
         step_losses: dict[str, torch.Tensor] = {}
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=device)
         for i, batch in enumerate(usable):
             batch = batch.to(device, non_blocking=True)
             sync = contextlib.nullcontext()
@@ -120,7 +120,7 @@ def train_one_epoch(
                     outputs = model(batch.images, batch.padding_mask)
                 loss_dict = criterion(outputs, batch.targets, norm)
                 loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-                finite = finite and bool(torch.isfinite(loss))
+                finite &= torch.isfinite(loss.detach())  # read once per step, not per batch
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:
@@ -132,7 +132,7 @@ def train_one_epoch(
                 step_losses[key] = step_losses.get(key, 0.0) + value.detach().float() * share
             images += batch.images.shape[0]
 
-        if not all_processes(finite, device):
+        if not all_processes(bool(finite), device):
             optimizer.zero_grad(set_to_none=True)
             state.bad_streak += 1
             ids = [int(t["image_id"]) for b in usable for t in b.targets]

@@ -286,7 +286,8 @@ def bounded(kind, low=None, high=None, what: str = "value"):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            what_kind = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what_kind}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if (low is not None and value < low) or (high is not None and value > high):
@@ -305,17 +306,7 @@ def bounded(kind, low=None, high=None, what: str = "value"):
 probability = bounded(float, 0.0, 1.0, "a score threshold")
 non_negative_int = bounded(int, 0, None, "a count")
 positive_float = bounded(float, 1e-9, None, "a size")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+positive_int = bounded(int, 1, None, "a count")
 
 
 def add_parser(sub) -> None:

@@ -158,21 +158,15 @@ class Trainer:
     def _resumed_config(self, saved: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
         base = saved["train_config"]
         model = saved["detrkit_config"]
-        for key in ("image_scale", "freeze_backbone", "panoptic"):
-            # Built into the saved model (its input size, trainable parts, heads): not changeable.
-            if key in overrides and _plain(overrides[key]) != _plain(base.get(key)):
-                raise ConfigError(
-                    f"--resume: {key}={overrides[key]!r} would change the model of a run in progress "
-                    f"(it has {key}={base.get(key)!r}). Start a new run from it instead: "
-                    f"--init-from {self.out / LAST} --output-dir NEW_DIR"
-                )
+        # Options built into the saved model (its input size, trainable parts, heads, architecture):
+        # the resumed model is the saved one, so reporting such a change without making it would lie.
+        fixed = {key: base.get(key) for key in ("image_scale", "freeze_backbone", "panoptic")}
+        fixed.update({f"model.{field}": value for field, value in model.items()})
         for key, value in overrides.items():
-            field = key.removeprefix("model.")
-            if key.startswith("model.") and _plain(model.get(field)) != _plain(value):
-                # The resumed model is the saved one: saying "changed" without changing it would lie.
+            if (key in fixed or key.startswith("model.")) and _plain(fixed.get(key)) != _plain(value):
                 raise ConfigError(
                     f"--resume: {key}={value!r} would change the model of a run in progress (it has "
-                    f"{field}={model.get(field)!r}). Start a new run from it instead: "
+                    f"{key}={fixed.get(key)!r}). Start a new run from it instead: "
                     f"--init-from {self.out / LAST} --set {key}=... --output-dir NEW_DIR"
                 )
         for key, value in overrides.items():
