@@ -215,6 +215,8 @@ def test_config_is_validated():
         ServeConfig(max_queue=0)  # asyncio.Queue(0) would be unbounded: never a 503
     with pytest.raises(ConfigError, match="threshold"):
         ServeConfig(threshold=1.5)
+    with pytest.raises(ConfigError, match="body_timeout"):
+        ServeConfig(body_timeout=0.0)  # wait_for(..., 0) would answer every upload with 408
 
 
 def test_limits_and_bad_uploads(server):
