@@ -316,7 +316,7 @@ def test_a_model_trained_from_imagenet_weights_loads_offline(tmp_path, tiny_mode
         ("decoder_layerdrop", 0.2),
         ("decoder_attention_heads", 4),
         ("decoder_ffn_dim", 17),
-        ("backbone", "tf_mobilenetv3_small_075"),
+        ("backbone", "vit_tiny_patch16_224"),  # a timm model without feature maps at strides 4-32
     ],
 )
 def test_transformers_options_detrkit_cannot_honour_are_refused_by_name(tmp_path, tiny_model, option, value):

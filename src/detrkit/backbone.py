@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .config import DetrConfig
+
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights",
     "resnet34": "ResNet34_Weights",
@@ -92,3 +94,21 @@ class Backbone(nn.Module):
                 mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
             out.append((features, mask))
         return out
+
+
+def build_backbone(config: DetrConfig) -> nn.Module:
+    """The backbone ``config`` names: a torchvision ResNet, or any timm CNN (``timm:<name>``, see
+    :mod:`detrkit.timm_backbone`)."""
+    kwargs = dict(
+        train_backbone=config.train_backbone,
+        return_interm_layers=config.masks,
+        dilation=config.dilation,
+        pretrained=config.pretrained_backbone,
+        frozen_bn=config.frozen_bn,
+        last_stage=config.last_stage,
+    )
+    if config.timm_name is not None:
+        from .timm_backbone import TimmBackbone
+
+        return TimmBackbone(config.timm_name, transformers_bn=config.transformers_bn, **kwargs)
+    return Backbone(config.backbone, **kwargs)

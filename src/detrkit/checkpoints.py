@@ -307,14 +307,19 @@ def save_model(model: Detr, path: str | os.PathLike, fmt: str = "detrkit") -> Pa
         metadata = {"format": "detrkit", "detrkit_version": __version__, "config": config.to_json()}
         atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=metadata))
     elif fmt == "original":
+        if config.timm_name is not None:
+            raise CheckpointError(
+                f"cannot write {path} in the original DETR format: it holds torchvision ResNet backbones "
+                f"only, not {config.backbone} (save it as detrkit or hf instead)"
+            )
         payload = {"model": detrkit_to_original(state_dict), "detrkit_config": config.to_dict()}
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     elif fmt == "hf":
         try:
             hf_state = detrkit_to_hf(state_dict)
+            hf_config = {**hf_config_dict(config), "detrkit_config": config.to_dict()}
         except ValueError as e:
             raise CheckpointError(f"cannot write {path} as a Hugging Face checkpoint: {e}") from None
-        hf_config = {**hf_config_dict(config), "detrkit_config": config.to_dict()}
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(
             path / "model.safetensors", lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"})

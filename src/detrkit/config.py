@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's; or "timm:<any timm CNN>"
+TIMM_PREFIX = "timm:"
 POSITION_EMBEDDINGS = ("sine", "learned")
 
 
@@ -94,11 +95,16 @@ class DetrConfig:
     """
 
     # --- backbone -------------------------------------------------------------------------------
+    # One of BACKBONES (torchvision ResNets), or "timm:<name>" for any timm CNN with four stages
+    # (e.g. "timm:tf_mobilenetv3_small_075"; needs `pip install 'detrkit[timm]'`).
     backbone: str = "resnet50"
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding it
     train_backbone: bool = True  # layers 2-4 trainable (conv1 and layer1 are always frozen)
-    pretrained_backbone: bool = False  # ImageNet weights from torchvision; downloads, so opt-in only
+    pretrained_backbone: bool = False  # ImageNet weights (torchvision / timm); downloads, so opt-in only
     frozen_bn: bool = True  # DETR's frozen BatchNorm; False for a backbone trained from scratch
+    # timm backbones: freeze BatchNorm as transformers does (plain BN with eps 1e-5, dropping the
+    # activation timm fuses into BatchNormAct2d); set for checkpoints read from transformers.
+    transformers_bn: bool = False
     # Deepest ResNet stage used (2, 3 or 4 = the paper's). Fewer stages give a finer feature map
     # (stride 8 / 16 / 32) for small images and a cheaper backbone; the later stages are not built.
     last_stage: int = 4
@@ -148,8 +154,12 @@ class DetrConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"DetrConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if self.backbone not in BACKBONES:
-            raise bad("backbone", f"expected one of {', '.join(BACKBONES)}")
+        if self.timm_name is not None:
+            self._validate_timm(bad)
+        elif self.backbone not in BACKBONES:
+            raise bad("backbone", f"expected one of {', '.join(BACKBONES)}, or timm:<timm model name>")
+        elif self.transformers_bn:
+            raise bad("transformers_bn", "applies to timm backbones only")
         if self.dilation and self.backbone in ("resnet18", "resnet34"):
             raise bad("dilation", f"DC5 needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
         if self.last_stage not in (2, 3, 4):
@@ -188,6 +198,20 @@ class DetrConfig:
             if unknown:
                 raise bad("stuff_ids", f"ids {sorted(unknown)} are not category ids of this model")
 
+    def _validate_timm(self, bad) -> None:
+        from .timm_backbone import timm_features
+
+        if not self.timm_name:
+            raise bad("backbone", "expected timm:<timm model name>")
+        if self.transformers_bn and not self.frozen_bn:
+            raise bad("transformers_bn", "freezes BatchNorm, which frozen_bn=False trains")
+        try:
+            timm_features(self.timm_name, self.dilation)  # cached; built without weights
+        except ConfigError as e:
+            raise bad(
+                "dilation" if self.dilation and "output_stride" in str(e) else "backbone", str(e)
+            ) from None
+
     # --- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -223,7 +247,16 @@ class DetrConfig:
         return tuple(i not in stuff for i in self.label_ids)
 
     @property
+    def timm_name(self) -> str | None:
+        """The timm model name of a ``timm:<name>`` backbone, else None."""
+        return self.backbone[len(TIMM_PREFIX) :] if self.backbone.startswith(TIMM_PREFIX) else None
+
+    @property
     def num_channels(self) -> int:
-        """Channels of the backbone's last feature map."""
+        """Channels of the backbone's last feature map (timm: from its ``feature_info``, cached)."""
+        if self.timm_name is not None:
+            from .timm_backbone import timm_features
+
+            return timm_features(self.timm_name, self.dilation).channels[self.last_stage - 1]
         expansion = 1 if self.backbone in ("resnet18", "resnet34") else 4
         return 64 * expansion * 2 ** (self.last_stage - 1)

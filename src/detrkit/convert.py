@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import DetrConfig
+from .config import TIMM_PREFIX, DetrConfig
+from .errors import ConfigError
 
 StateDict = dict[str, Tensor]
 
@@ -250,15 +251,31 @@ def _int_if_whole(value: float) -> int | float:
 
 
 def hf_config_dict(config: DetrConfig) -> dict[str, Any]:
-    """A transformers ``config.json`` describing ``config`` (timm ResNet backbone)."""
+    """A transformers ``config.json`` describing ``config`` (a timm backbone: the ResNet, or the
+    ``timm:`` model). Raises ``ValueError`` for a model transformers would compute differently."""
     if config.last_stage != 4:
         raise ValueError(f"last_stage={config.last_stage}: Hugging Face DETR always uses all 4 ResNet stages")
+    if config.timm_name is not None:
+        from .timm_backbone import timm_features
+
+        features = timm_features(config.timm_name, config.dilation)
+        if features.out_indices != _HF_TIMM_OUT_INDICES:
+            raise ValueError(
+                f"backbone={config.backbone}: transformers takes the timm feature levels "
+                f"{list(_HF_TIMM_OUT_INDICES)}, but this model's strides 4-32 are levels {list(features.out_indices)}"
+            )
+        if not (config.transformers_bn or features.transformers_compatible_bn):
+            raise ValueError(
+                f"backbone={config.backbone}: transformers replaces its BatchNorm layers by plain frozen "
+                "BatchNorm (eps 1e-5, dropping the activations timm fuses into BatchNormAct2d), so it would "
+                "compute a different network; only models built with transformers_bn=True export"
+            )
     names = config.class_names or tuple(f"LABEL_{i}" for i in range(config.num_classes))
     return {
         "model_type": "detr",
         "architectures": ["DetrForSegmentation" if config.masks else "DetrForObjectDetection"],
         "use_timm_backbone": True,
-        "backbone": config.backbone,
+        "backbone": config.timm_name or config.backbone,
         "use_pretrained_backbone": False,
         "dilation": config.dilation,
         "num_channels": 3,
@@ -317,15 +334,34 @@ def _refuse_unsupported_hf_options(hf: dict[str, Any]) -> None:
             raise ValueError(
                 f"config.json sets {a}={hf[a]} but {b}={hf[b]}: detrkit's encoder and decoder share their {what}"
             )
-    backbone = hf.get("backbone")
-    if hf.get("use_timm_backbone", True) and backbone and backbone not in _TIMM_RESNETS:
+    backbone_config = hf.get("backbone_config") or {}
+    backbone_type = backbone_config.get("model_type")
+    if _hf_timm_name(hf) is None and backbone_type not in (None, "resnet"):
         raise ValueError(
-            f"config.json sets backbone={backbone!r}: detrkit builds the ResNets "
-            f"({', '.join(_TIMM_RESNETS)}) only"
+            f"config.json sets a transformers {backbone_type!r} backbone (use_timm_backbone=False): detrkit "
+            "builds transformers' ResNet, or timm models (use_timm_backbone=True)"
+        )
+    out_indices = backbone_config.get("out_indices") or (hf.get("backbone_kwargs") or {}).get("out_indices")
+    if _hf_timm_name(hf) is not None and out_indices and tuple(out_indices) != _HF_TIMM_OUT_INDICES:
+        raise ValueError(
+            f"config.json selects the timm feature levels out_indices={list(out_indices)}: detrkit "
+            f"uses {list(_HF_TIMM_OUT_INDICES)} (strides 4, 8, 16, 32), as transformers by default"
         )
 
 
 _TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+_HF_TIMM_OUT_INDICES = (1, 2, 3, 4)  # transformers' out_indices for timm backbones
+
+
+def _hf_timm_name(hf: dict[str, Any]) -> str | None:
+    """The timm model of a transformers config: ``backbone`` with ``use_timm_backbone`` (4.x, and what
+    detrkit writes), or a ``timm_backbone`` backbone_config (what transformers 5.x saves)."""
+    backbone_config = hf.get("backbone_config") or {}
+    if backbone_config.get("model_type") == "timm_backbone":
+        return backbone_config.get("backbone")
+    if not backbone_config and hf.get("use_timm_backbone", True):
+        return hf.get("backbone") or "resnet50"  # transformers' default
+    return None
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -343,6 +379,17 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     backbone_config = hf.get("backbone_config") or {}
     dilation = hf.get("dilation", False) or backbone_config.get("output_stride") == 16
     fields["dilation"] = bool(dilation)
+    timm_name = _hf_timm_name(hf)
+    if timm_name is not None and timm_name not in _TIMM_RESNETS:
+        # transformers' own ResNet names and timm's for resnet18-101 load into torchvision's ResNet.
+        from .timm_backbone import timm_features
+
+        try:
+            timm_features(timm_name, fields["dilation"])
+        except ConfigError as e:
+            raise ValueError(f"config.json sets backbone={timm_name!r}: {e}") from None
+        fields["backbone"] = TIMM_PREFIX + timm_name
+        fields["transformers_bn"] = True  # the weights were trained with transformers' BatchNorm
     for ours, theirs in (
         ("set_cost_class", "class_cost"),
         ("set_cost_bbox", "bbox_cost"),
@@ -381,13 +428,10 @@ def _count(state_dict: StateDict, pattern: str) -> int:
 
 def infer_config(state_dict: StateDict, **known: Any) -> DetrConfig:
     """The DetrConfig of a detrkit-layout state dict. ``known`` supplies what weights cannot tell
-    (``dilation``, ``nheads`` of detection models, ``dropout``, class names, loss weights...)."""
-
-    def need(key: str) -> Tensor:
-        if key not in state_dict:
-            raise ValueError(f"not a DETR checkpoint: parameter {key!r} is missing")
-        return state_dict[key]
-
+    (``dilation``, ``nheads`` of detection models, ``dropout``, class names, loss weights...).
+    A ``timm:`` backbone must be among ``known`` (its weights do not name the timm model)."""
+    if str(known.get("backbone", "")).startswith(TIMM_PREFIX):
+        return _infer_head_config(state_dict, {}, known)
     blocks = tuple(_count(state_dict, rf"backbone\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
     kind = "bottleneck" if "backbone.body.layer1.0.conv3.weight" in state_dict else "basic"
     # Models built with last_stage < 4 have no weights for the later stages.
@@ -399,11 +443,19 @@ def infer_config(state_dict: StateDict, **known: Any) -> DetrConfig:
     if backbone is None:
         raise ValueError(f"unsupported backbone: ResNet with {kind} blocks {list(blocks)} per stage")
 
+    return _infer_head_config(state_dict, {"backbone": backbone, "last_stage": last_stage}, known)
+
+
+def _infer_head_config(state_dict: StateDict, fields: dict[str, Any], known: dict[str, Any]) -> DetrConfig:
+    def need(key: str) -> Tensor:
+        if key not in state_dict:
+            raise ValueError(f"not a DETR checkpoint: parameter {key!r} is missing")
+        return state_dict[key]
+
     input_proj = need("input_proj.weight")
     d_model = input_proj.shape[0]
-    fields: dict[str, Any] = {
-        "backbone": backbone,
-        "last_stage": last_stage,
+    fields = {
+        **fields,
         "d_model": d_model,
         "num_queries": need("query_embed.weight").shape[0],
         "num_classes": need("class_embed.weight").shape[0] - 1,
