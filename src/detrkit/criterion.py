@@ -61,11 +61,12 @@ class LossNorm:
     num_boxes: float
     image_box_counts: tuple[int, ...]
 
-    def class_weight(self, num_queries: int, eos_coef: float) -> float:
+    def class_weight(self, num_queries: int, eos_coef: float, groups: int = 1) -> float:
         """Sum of the cross-entropy weights of every query of the step: matched queries weigh 1,
-        the others ``eos_coef`` (the Hungarian matching pairs ``min(num_queries, n)`` queries)."""
-        matched = sum(min(num_queries, n) for n in self.image_box_counts)
-        return matched + eos_coef * (num_queries * len(self.image_box_counts) - matched)
+        the others ``eos_coef`` (the Hungarian matching pairs ``min(num_queries, n)`` queries in
+        each of the ``groups`` groups of ``num_queries``)."""
+        matched = groups * sum(min(num_queries, n) for n in self.image_box_counts)
+        return matched + eos_coef * (groups * num_queries * len(self.image_box_counts) - matched)
 
 
 def _pad_masks(masks: list[Tensor]) -> Tensor:
@@ -90,6 +91,10 @@ class SetCriterion(nn.Module):
         weight_dict: loss name -> weight.
         eos_coef: weight of the no-object class in the cross-entropy.
         losses: which losses to compute among ``labels``, ``cardinality``, ``boxes``, ``masks``.
+        num_queries: the model's own number of queries. Outputs with ``G`` times as many come from
+            training-only query groups (Group DETR, :mod:`detrkit.aids`): each group is matched on
+            its own and the losses are the mean over groups (box count times ``G``, as the Group
+            DETR code normalises); ``cardinality_error`` is the model's own group's.
     """
 
     def __init__(
@@ -99,9 +104,11 @@ class SetCriterion(nn.Module):
         weight_dict: dict[str, float],
         eos_coef: float = 0.1,
         losses: tuple[str, ...] = ("labels", "boxes", "cardinality"),
+        num_queries: int | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.num_queries = num_queries
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
@@ -152,8 +159,9 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def loss_cardinality(self, outputs, targets, indices: Indices, num_boxes: float):
-        """Absolute error of the number of predicted objects (not "no object"); logging only."""
-        logits = outputs["pred_logits"]
+        """Absolute error of the number of predicted objects (not "no object") of the model's own
+        queries (the first group); logging only."""
+        logits = outputs["pred_logits"][:, : self.num_queries]
         target_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
         card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), target_lengths.float())}
@@ -270,15 +278,17 @@ class SetCriterion(nn.Module):
                 averaged over processes (every process must call the criterion then).
         """
         self._check_targets(outputs, targets)
+        groups = self._groups(outputs["pred_logits"].shape[1])
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
+        indices = self.matcher(outputs_without_aux, targets, groups)
 
         class_weight = None
         if norm is None:
             norm = self.loss_norm([targets])
         else:
-            class_weight = norm.class_weight(outputs["pred_logits"].shape[1], self.eos_coef)
-        num_boxes = norm.num_boxes
+            per_group = outputs["pred_logits"].shape[1] // groups
+            class_weight = norm.class_weight(per_group, self.eos_coef, groups)
+        num_boxes = norm.num_boxes * groups
 
         losses: dict[str, Tensor] = {}
         for loss in self.losses:
@@ -286,7 +296,7 @@ class SetCriterion(nn.Module):
             losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes, **kwargs))
 
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            indices = self.matcher(aux_outputs, targets)
+            indices = self.matcher(aux_outputs, targets, groups)
             for loss in self.losses:
                 if loss == "masks":
                     continue  # intermediate masks are too costly to compute
@@ -294,6 +304,17 @@ class SetCriterion(nn.Module):
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
+
+    def _groups(self, num_outputs: int) -> int:
+        """How many query groups ``num_outputs`` queries are (1 unless training with query groups)."""
+        if self.num_queries is None or num_outputs == self.num_queries:
+            return 1
+        if num_outputs % self.num_queries:
+            raise ValueError(
+                f"{num_outputs} predictions per image: neither the model's {self.num_queries} queries "
+                "nor a whole number of groups of them"
+            )
+        return num_outputs // self.num_queries
 
 
 def build_criterion(config: DetrConfig) -> SetCriterion:
@@ -310,5 +331,10 @@ def build_criterion(config: DetrConfig) -> SetCriterion:
             aux.update({f"{k}_{i}": v for k, v in weight_dict.items() if k not in ("loss_mask", "loss_dice")})
         weight_dict.update(aux)
     return SetCriterion(
-        config.num_classes, build_matcher(config), weight_dict, eos_coef=config.eos_coef, losses=tuple(losses)
+        config.num_classes,
+        build_matcher(config),
+        weight_dict,
+        eos_coef=config.eos_coef,
+        losses=tuple(losses),
+        num_queries=config.num_queries,
     )

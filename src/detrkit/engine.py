@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .aids import unwrap
 from .criterion import SetCriterion
 from .data.collate import Batch, SkipTracker
 from .distributed import all_processes, any_process, is_main_process, sum_over_processes, union_over_processes
@@ -160,7 +161,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         if ema is not None:
-            ema.update_parameters(_unwrap(model))
+            ema.update_parameters(unwrap(model))
 
         for key, value in step_losses.items():
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -180,11 +181,6 @@ def train_one_epoch(
     totals = sum_over_processes([sums.get(k, 0.0) for k in keys] + [float(count)], device)
     steps = max(totals[-1], 1.0)
     return {k: v / steps for k, v in zip(keys, totals[:-1], strict=True)}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -212,7 +208,7 @@ def evaluate(
     postprocess_masks = PostProcessSegm()
     panoptic = "panoptic" in evaluator.iou_types
     if panoptic:
-        postprocess_panoptic = PostProcessPanoptic(_unwrap(model).config.is_thing)
+        postprocess_panoptic = PostProcessPanoptic(unwrap(model).config.is_thing)
     loss_sum, batches = 0.0, 0
     unreadable: list[int] = []
     for batch in loader:

@@ -28,17 +28,23 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], groups: int = 1
     ) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
             outputs: ``pred_logits`` Tensor[B, Q, K+1] and ``pred_boxes`` Tensor[B, Q, 4] (cxcywh, normalised).
             targets: one dict per image with ``labels`` Int64Tensor[N_i] and ``boxes`` Tensor[N_i, 4].
+            groups: the Q queries are this many equal, consecutive groups (Group DETR), each matched
+                one-to-one with the targets on its own.
 
         Returns:
-            One ``(prediction indices, target indices)`` pair of Int64Tensor[min(Q, N_i)] per image.
+            One ``(prediction indices, target indices)`` pair per image, Int64Tensor[groups * min(Q /
+            groups, N_i)] each, the groups' matches one after the other (prediction indices sorted
+            within each group).
         """
         batch, num_queries = outputs["pred_logits"].shape[:2]
+        if num_queries % groups:
+            raise ValueError(f"{num_queries} queries cannot form {groups} equal groups")
         sizes = [len(t["boxes"]) for t in targets]
         if len(targets) != batch:
             raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
@@ -62,17 +68,18 @@ class HungarianMatcher(nn.Module):
         # Non-finite costs (degenerate boxes, a diverging model) would make the solver raise; make them
         # the most expensive choice instead, so they are matched only if nothing else can be.
         cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=1e8)
-        cost = cost.view(batch, num_queries, -1).cpu()
+        group_size = num_queries // groups
+        cost = cost.view(batch, groups, group_size, -1).cpu()
 
         indices = []
         for i, c in enumerate(cost.split(sizes, -1)):
             if sizes[i] == 0:
                 indices.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+            matches = [linear_sum_assignment(c[i, g].numpy()) for g in range(groups)]
+            rows = [torch.as_tensor(r, dtype=torch.int64) + g * group_size for g, (r, _) in enumerate(matches)]
+            cols = [torch.as_tensor(c, dtype=torch.int64) for _, c in matches]
+            indices.append((torch.cat(rows), torch.cat(cols)))
         return indices
 
 

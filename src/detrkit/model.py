@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
+from .backbone import build_backbone
 from .config import DetrConfig
 from .position_encoding import build_position_encoding
 from .segmentation import MaskHeadSmallConv, MHAttentionMap
@@ -39,15 +39,7 @@ class Detr(nn.Module):
     def __init__(self, config: DetrConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = Backbone(
-            config.backbone,
-            train_backbone=config.train_backbone,
-            return_interm_layers=config.masks,
-            dilation=config.dilation,
-            pretrained=config.pretrained_backbone,
-            frozen_bn=config.frozen_bn,
-            last_stage=config.last_stage,
-        )
+        self.backbone = build_backbone(config)
         self.position_embedding = build_position_encoding(config.position_embedding, config.d_model)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
         self.query_embed = nn.Embedding(config.num_queries, config.d_model)
@@ -71,11 +63,16 @@ class Detr(nn.Module):
                     if not name.startswith(("bbox_attention.", "mask_head.")):
                         parameter.requires_grad_(False)
 
-    def forward(self, images: Tensor, padding_mask: Tensor | None = None) -> dict[str, Tensor | list]:
+    def forward(
+        self, images: Tensor, padding_mask: Tensor | None = None, extra_queries: Tensor | None = None
+    ) -> dict[str, Tensor | list]:
         """
         Args:
             images: normalised images, Tensor[B, 3, H, W].
             padding_mask: Bool Tensor[B, H, W], True on padded pixels; None when nothing is padded.
+            extra_queries: training only (:mod:`detrkit.aids`): Tensor[(G-1)*Q, E], more groups of
+                Q object queries decoded alongside the model's own, each group attending only to
+                itself; the outputs then cover all G*Q queries, the model's own first.
 
         Returns:
             ``pred_logits`` Tensor[B, Q, K+1] (last class = no object), ``pred_boxes`` Tensor[B, Q, 4]
@@ -97,7 +94,18 @@ class Detr(nn.Module):
         pos = self.position_embedding(src, mask)
         src_proj = self.input_proj(src)
         aux = self.config.aux_loss
-        hs, memory = self.transformer(src_proj, mask, self.query_embed.weight, pos, return_intermediate=aux)
+        queries, groups = self.query_embed.weight, 1
+        if extra_queries is not None:
+            if self.config.masks or extra_queries.shape[0] % queries.shape[0]:
+                raise ValueError(
+                    f"extra_queries must be Tensor[k*{queries.shape[0]}, E] on a model without masks, "
+                    f"got {tuple(extra_queries.shape)}"
+                )
+            groups = 1 + extra_queries.shape[0] // queries.shape[0]
+            queries = torch.cat([queries, extra_queries])
+        hs, memory = self.transformer(
+            src_proj, mask, queries, pos, return_intermediate=aux, query_groups=groups
+        )
 
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()

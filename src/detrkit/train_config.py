@@ -58,6 +58,8 @@ class TrainConfig:
     # from-scratch backbone's substitute for ImageNet weights; see detrkit.pretrain). 0: none.
     backbone_pretrain_steps: int = 0
     backbone_pretrain_lr: float = 1e-3
+    # Training-only convergence aids (detrkit.aids); the saved model stays a plain DETR.
+    query_groups: int = 1  # Group DETR: >1 trains this many groups of queries, one-to-one each
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -101,6 +103,13 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be at least 1")
+        if self.query_groups < 1:
+            raise ConfigError(f"query_groups={self.query_groups}: must be at least 1 (1 = plain DETR)")
+        if self.query_groups > 1 and (self.panoptic or self.model.get("masks")):
+            raise ConfigError(
+                f"query_groups={self.query_groups}: query groups train detection models only (the mask "
+                "head would run on every group); use 1 with masks or panoptic"
+            )
         if self.backbone_pretrain_steps < 0:
             raise ConfigError(f"backbone_pretrain_steps={self.backbone_pretrain_steps}: must be 0 or more")
         model_fields = {f.name for f in dataclasses.fields(DetrConfig)}

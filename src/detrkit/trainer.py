@@ -35,6 +35,7 @@ from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import atomic_write, check_output, write_json_atomic
+from .aids import GroupDetr
 from .model import Detr
 from .pq import PanopticEvaluator
 from .pretrain import pretrain_backbone
@@ -109,10 +110,17 @@ class Trainer:
         _seed_everything(config.seed)  # the initial weights depend on the seed only
         self.model = self._build_model(saved).to(self.device)
         self.criterion = build_criterion(self.model.config).to(self.device)
-        self.module: nn.Module = self.model
+        # What trains: the model, or the model inside a training-only aid (never saved as the model).
+        self.aid: GroupDetr | None = None
+        if config.query_groups > 1:
+            try:
+                self.aid = GroupDetr(self.model, config.query_groups).to(self.device)
+            except ValueError as e:
+                raise ConfigError(f"query_groups={config.query_groups}: {e}") from None
+        self.module: nn.Module = self.aid if self.aid is not None else self.model
         if is_dist():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.module = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_drop)
         self.scaler = None
@@ -160,7 +168,7 @@ class Trainer:
         model = saved["detrkit_config"]
         # Options built into the saved model (its input size, trainable parts, heads, architecture):
         # the resumed model is the saved one, so reporting such a change without making it would lie.
-        fixed = {key: base.get(key) for key in ("image_scale", "freeze_backbone", "panoptic")}
+        fixed = {key: base.get(key) for key in ("image_scale", "freeze_backbone", "panoptic", "query_groups")}
         fixed.update({f"model.{field}": value for field, value in model.items()})
         for key, value in overrides.items():
             if (key in fixed or key.startswith("model.")) and _plain(fixed.get(key)) != _plain(value):
@@ -300,6 +308,8 @@ class Trainer:
         rest = [
             p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad
         ]
+        if self.aid is not None:
+            rest += list(self.aid.extra_queries.parameters())
         groups = [{"params": rest, "lr": cfg.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": cfg.lr_backbone})
@@ -357,6 +367,7 @@ class Trainer:
             "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": {"n_averaged": self.ema.n_averaged} if self.ema is not None else None,
+            "aids": self.aid.aid_state_dict() if self.aid is not None else None,
             "state": dataclasses.asdict(self.state),
             "epoch": self.state.epoch,
         }
@@ -370,6 +381,8 @@ class Trainer:
     def _restore(self, saved: dict[str, Any], overrides: dict[str, Any]) -> None:
         raw = saved.get("train_model")
         self.model.load_state_dict(raw if raw is not None else saved["model"])
+        if self.aid is not None:
+            self.aid.load_aid_state_dict(saved["aids"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["lr_scheduler"])
         if self.scaler is not None and saved.get("scaler"):

@@ -87,6 +87,17 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def _split_groups(x: Tensor, groups: int) -> Tensor:
+    """Tensor[B, G*Q, E] -> Tensor[B*G, Q, E]: each group of queries becomes its own sequence, so
+    self-attention stays within a group (cheaper and exact, unlike a block-diagonal mask)."""
+    return x if groups == 1 else x.reshape(x.shape[0] * groups, x.shape[1] // groups, x.shape[2])
+
+
+def _join_groups(x: Tensor, groups: int) -> Tensor:
+    """Tensor[B*G, Q, E] -> Tensor[B, G*Q, E] (the inverse of :func:`_split_groups`)."""
+    return x if groups == 1 else x.reshape(x.shape[0] // groups, x.shape[1] * groups, x.shape[2])
+
+
 class _Layer(nn.Module):
     """What encoder and decoder layers share: self-attention, the ReLU FFN, norms and dropouts
     (``norm1..n``/``dropout1..n``, the original's parameter names)."""
@@ -140,23 +151,29 @@ class TransformerDecoderLayer(_Layer):
         memory_key_padding_mask: Tensor | None,
         pos: Tensor | None,
         query_pos: Tensor,
+        groups: int = 1,
     ) -> Tensor:
-        """tgt, query_pos: Tensor[B, Q, E]; memory, pos: Tensor[B, S, E]; mask: Bool Tensor[B, S] or None."""
+        """tgt, query_pos: Tensor[B, Q, E]; memory, pos: Tensor[B, S, E]; mask: Bool Tensor[B, S] or None.
+
+        ``groups``: the queries are ``groups`` equal, consecutive groups that do not see each other in
+        self-attention (Group DETR's training-only query groups); 1 = the plain DETR layer."""
         key = _with_pos(memory, pos)
         if self.pre_norm:
             x = self.norm1(tgt)
-            qk = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
+            tgt = tgt + self.dropout1(self._self_attention(x + query_pos, x, groups))
             x = self.norm2(tgt)
             tgt = tgt + self.dropout2(
                 self.multihead_attn(x + query_pos, key, memory, memory_key_padding_mask)[0]
             )
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
-        qk = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt + query_pos, tgt, groups)))
         attended = self.multihead_attn(tgt + query_pos, key, memory, memory_key_padding_mask)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+
+    def _self_attention(self, qk: Tensor, value: Tensor, groups: int) -> Tensor:
+        qk = _split_groups(qk, groups)
+        return _join_groups(self.self_attn(qk, qk, _split_groups(value, groups))[0], groups)
 
 
 class TransformerEncoder(nn.Module):
@@ -185,11 +202,12 @@ class TransformerDecoder(nn.Module):
         pos: Tensor | None,
         query_pos: Tensor,
         return_intermediate: bool,
+        groups: int = 1,
     ) -> Tensor:
         """Returns Tensor[L, B, Q, E] (every layer, normalised) or Tensor[1, B, Q, E] (last layer only)."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, groups)
             if return_intermediate:
                 # The un-normalised state goes on to the next layer; only this copy is normalised.
                 intermediate.append(self.norm(tgt))
@@ -237,6 +255,7 @@ class Transformer(nn.Module):
         query_embed: Tensor,
         pos_embed: Tensor,
         return_intermediate: bool = True,
+        query_groups: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """
         Args:
@@ -244,6 +263,8 @@ class Transformer(nn.Module):
             mask: Bool Tensor[B, H, W], True on padding, or None.
             query_embed: learned object queries, Tensor[Q, E].
             pos_embed: Tensor[B, E, H, W].
+            query_groups: split the queries into this many equal groups that do not attend to each
+                other (training-only query groups); 1 for DETR itself.
 
         Returns:
             hs: decoder outputs, Tensor[L, B, Q, E] (L = 1 unless ``return_intermediate``);
@@ -256,5 +277,5 @@ class Transformer(nn.Module):
         query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
         memory = self.encoder(src, key_padding_mask, pos)
         tgt = torch.zeros_like(query_pos)
-        hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, return_intermediate)
+        hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, return_intermediate, query_groups)
         return hs, memory.transpose(1, 2).reshape(batch, channels, height, width)

@@ -1,0 +1,130 @@
+"""Training-step time of detrkit vs Hugging Face transformers on the same DETR weights and batch.
+
+Builds a transformers ``DetrForObjectDetection`` (ResNet-50 by default) with random weights, saves
+it, loads the same file with ``detrkit.load_model``, and times one full training step of each —
+forward, loss (Hungarian matching included), backward, gradient clipping (0.1) and an AdamW step
+(lr 1e-4, backbone 1e-5, weight decay 1e-4) — interleaved, after a warm-up, on the same images and
+targets. Prints both losses of the first step (they must agree: same weights, same batch), the
+median step times and their ratio.
+
+    python bench/train_step_vs_transformers.py --size 800 1066 --batch 2 --runs 5
+    python bench/train_step_vs_transformers.py --size 96 128 --batch 16 --runs 10   # cpu-tiny sizes
+
+Auxiliary losses are off by default: with them on, transformers departs from the original DETR
+(see REFERENCE.md) and the two losses would not be comparable; ``--aux`` turns them on for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import detrkit
+from detrkit.criterion import build_criterion
+
+
+def _optimizer(model: nn.Module, backbone_prefix: str) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not n.startswith(backbone_prefix)], "lr": 1e-4},
+        {"params": [p for n, p in named if n.startswith(backbone_prefix)], "lr": 1e-5},
+    ]
+    return torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--aux", action="store_true", help="auxiliary decoding losses on (both)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = transformers.DetrConfig(
+        use_timm_backbone=True, backbone=args.backbone, auxiliary_loss=args.aux, num_labels=91
+    )
+    hf = transformers.DetrForObjectDetection(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = detrkit.load_model(tmp, device=args.device, aux_loss=args.aux)
+    hf = hf.to(args.device).train()
+    ours.train()
+    criterion = build_criterion(ours.config).to(args.device)
+    opt_ours = _optimizer(ours, "backbone.")
+    opt_hf = _optimizer(hf, "model.backbone.")
+
+    h, w = args.size
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(args.batch, 3, h, w, generator=g).to(args.device)
+    padding_mask = torch.zeros(args.batch, h, w, dtype=torch.bool, device=args.device)
+    if args.batch > 1:  # a realistic padded batch: the other images are smaller
+        padding_mask[1:, :, w * 3 // 4 :] = True
+    targets = []
+    for _ in range(args.batch):
+        n = int(torch.randint(1, 8, (), generator=g))
+        boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.05], 1)
+        targets.append({"labels": torch.randint(0, 91, (n,), generator=g), "boxes": boxes})
+    targets = [{k: v.to(args.device) for k, v in t.items()} for t in targets]
+    hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+    def step_ours() -> float:
+        outputs = ours(images, padding_mask)
+        losses = criterion(outputs, targets)
+        loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+        loss.backward()
+        nn.utils.clip_grad_norm_(ours.parameters(), 0.1)
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def step_hf() -> float:
+        loss = hf(pixel_values=images, pixel_mask=(~padding_mask).long(), labels=copy.copy(hf_labels)).loss
+        loss.backward()
+        nn.utils.clip_grad_norm_(hf.parameters(), 0.1)
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def timed(fn) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = float(step_ours()), float(step_hf())  # also the warm-up
+    t_ours, t_hf = [], []
+    for _ in range(args.runs):  # interleaved so both see the same machine state
+        t_ours.append(timed(step_ours))
+        t_hf.append(timed(step_hf))
+
+    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, device {args.device}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}")
+    print(
+        f"{args.backbone}, batch {args.batch} x 3 x {h} x {w}, aux losses {'on' if args.aux else 'off'}; "
+        f"first-step loss: detrkit {first[0]:.5f}, transformers {first[1]:.5f}"
+    )
+    print(f"detrkit      median {m_ours * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_ours)})")
+    print(f"transformers median {m_hf * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf)})")
+    print(f"time ratio detrkit/transformers: {m_ours / m_hf:.2f}")
+
+
+if __name__ == "__main__":
+    main()
