@@ -28,7 +28,9 @@ from detrkit.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -89,7 +91,9 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> None:
             t = time.perf_counter()
             norm = criterion.loss_norm([batch.targets], device=device)
             loss_dict = criterion(outputs, batch.targets, norm)
-            loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+            loss = sum(
+                loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict
+            )
             sync()
             phase["matcher"] = matcher_time[0]
             phase["loss"] = time.perf_counter() - t - matcher_time[0]
@@ -116,7 +120,9 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> None:
         f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, device {device}"
     )
-    print(f"{config.model.get('backbone', 'resnet50')}, batch {images}, image_scale {config.image_scale}, {steps} steps")
+    print(
+        f"{config.model.get('backbone', 'resnet50')}, batch {images}, image_scale {config.image_scale}, {steps} steps"
+    )
     print(f"{'phase':>10} {'ms/step':>9} {'share':>7}")
     for key, value in medians.items():
         print(f"{key:>10} {value:9.1f} {100 * value / total:6.1f}%")

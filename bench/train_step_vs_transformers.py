@@ -40,7 +40,9 @@ def _optimizer(model: nn.Module, backbone_prefix: str) -> torch.optim.AdamW:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
@@ -76,7 +78,9 @@ def main() -> None:
     targets = []
     for _ in range(args.batch):
         n = int(torch.randint(1, 8, (), generator=g))
-        boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.05], 1)
+        boxes = torch.cat(
+            [torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.05], 1
+        )
         targets.append({"labels": torch.randint(0, 91, (n,), generator=g), "boxes": boxes})
     targets = [{k: v.to(args.device) for k, v in t.items()} for t in targets]
     hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
@@ -115,13 +119,19 @@ def main() -> None:
         t_hf.append(timed(step_hf))
 
     m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, device {args.device}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, device {args.device}"
+    )
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
+    )
     print(
         f"{args.backbone}, batch {args.batch} x 3 x {h} x {w}, aux losses {'on' if args.aux else 'off'}; "
         f"first-step loss: detrkit {first[0]:.5f}, transformers {first[1]:.5f}"
     )
-    print(f"detrkit      median {m_ours * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_ours)})")
+    print(
+        f"detrkit      median {m_ours * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_ours)})"
+    )
     print(f"transformers median {m_hf * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf)})")
     print(f"time ratio detrkit/transformers: {m_ours / m_hf:.2f}")
 

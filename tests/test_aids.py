@@ -119,7 +119,9 @@ def test_query_groups_refuse_masks():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("aidsdata")
-    return write_synthetic(root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4})
+    return write_synthetic(
+        root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
+    )
 
 
 def test_a_model_trained_with_query_groups_is_a_plain_detr_in_every_format(tmp_path, data_root):

@@ -65,6 +65,26 @@ def test_synthetic_is_deterministic_and_varied():
     assert len(sizes) > 10
 
 
+def test_the_other_shape_set_is_a_disjoint_class_set_drawn_as_named():
+    from detrkit.data.synthetic import OTHER_THINGS
+
+    data = make_synthetic(SynthConfig(images=40, seed=1, shapes="other"))
+    categories = {c["id"]: c["name"] for c in data["instances"]["categories"]}
+    assert categories == OTHER_THINGS and not set(categories) & set(THINGS)
+    assert {a["category_id"] for a in data["instances"]["annotations"]} == set(OTHER_THINGS)
+    # Each class looks like its name: the fill of its box (a cross ~5/9, a ring ~9/16 of an
+    # ellipse's pi/4, a hexagon 3/4, a half-disc pi/4), and a ring has a hole in its middle.
+    fill = {cid: [] for cid in OTHER_THINGS}
+    for a in data["instances"]["annotations"]:
+        x, y, w, h = a["bbox"]
+        if a["area"] >= 0.999 * w * h or min(w, h) < 12:
+            continue  # cut off by a later shape, or too small to judge
+        fill[a["category_id"]].append(a["area"] / (w * h))
+    expected = {3: 5 / 9, 5: 0.75 * np.pi / 4, 6: 0.75, 8: np.pi / 4}
+    for cid, ratios in fill.items():
+        assert ratios and abs(float(np.median(ratios)) - expected[cid]) < 0.08, (OTHER_THINGS[cid], ratios)
+
+
 def test_targets_match_the_json_exactly(synth_root):
     ds = detection(synth_root)
     data = json.loads((synth_root / "annotations" / "instances_train2017.json").read_text())

@@ -41,6 +41,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         min_size=args.min_size,
         max_size=args.max_size,
         image_format=args.format,
+        shapes=args.shapes,
     )
     val = args.val_images if args.val_images is not None else max(1, args.images // 4)
     out = write_synthetic(args.out, config, {"train": args.images, "val": val})
@@ -94,6 +95,8 @@ _TRAIN_OPTIONS = {
     "init_from": (str, "fine-tune from a checkpoint (any format load_model reads, or an official name)"),
     "image_scale": (float, "scale all augmentation sizes (1.0 = the paper's 800/1333)"),
     "synth_images": (int, "training images of the synthetic dataset"),
+    "synth_shapes": (str, "class set of the synthetic dataset: basic or other"),
+    "query_groups": (int, "Group DETR: train this many query groups (training only; 1 = off)"),
     "freeze_backbone": (None, "do not train the backbone"),
 }
 
@@ -301,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=positive_int, default=128, help="smallest image side in pixels")
     p.add_argument("--max-size", type=positive_int, default=192, help="largest image side in pixels")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    p.add_argument(
+        "--shapes", choices=("basic", "other"), default="basic",
+        help="class set: basic (rectangle, ellipse, triangle, diamond) or other (cross, ring, hexagon, half-disc)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_synth)
 

@@ -229,12 +229,21 @@ class SetCriterion(nn.Module):
                     f"target {i}: expected boxes Tensor[N, 4] and labels Tensor[N], "
                     f"got {tuple(boxes.shape)} and {tuple(labels.shape)}"
                 )
-            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(
-                    f"target {i}: labels must be in [0, {self.num_classes - 1}], got {labels.tolist()}"
-                )
             if "masks" in self.losses and "masks" not in t:
                 raise ValueError(f"target {i}: a mask model needs 'masks' Bool Tensor[N, H, W]")
+        # One host read for the whole batch (on a GPU each read waits for the device).
+        labels = torch.cat([t["labels"] for t in targets])
+        if len(labels):
+            low, high = labels.aminmax()
+            if bool((low < 0) | (high >= self.num_classes)):
+                i = next(
+                    i for i, t in enumerate(targets)
+                    if len(t["labels"]) and (t["labels"].min() < 0 or t["labels"].max() >= self.num_classes)
+                )  # fmt: skip
+                raise ValueError(
+                    f"target {i}: labels must be in [0, {self.num_classes - 1}], "
+                    f"got {targets[i]['labels'].tolist()}"
+                )
 
     def get_loss(self, loss: str, outputs, targets, indices: Indices, num_boxes: float, **kwargs):
         loss_map = {

@@ -77,7 +77,9 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             matches = [linear_sum_assignment(c[i, g].numpy()) for g in range(groups)]
-            rows = [torch.as_tensor(r, dtype=torch.int64) + g * group_size for g, (r, _) in enumerate(matches)]
+            rows = [
+                torch.as_tensor(r, dtype=torch.int64) + g * group_size for g, (r, _) in enumerate(matches)
+            ]
             cols = [torch.as_tensor(c, dtype=torch.int64) for _, c in matches]
             indices.append((torch.cat(rows), torch.cat(cols)))
         return indices

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .aids import GroupDetr
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
 from .criterion import build_criterion
@@ -35,7 +36,6 @@ from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import atomic_write, check_output, write_json_atomic
-from .aids import GroupDetr
 from .model import Detr
 from .pq import PanopticEvaluator
 from .pretrain import pretrain_backbone
@@ -186,14 +186,17 @@ class Trainer:
     def _datasets(self) -> tuple[CocoDetection, CocoDetection]:
         cfg = self.config
         if cfg.data == "synthetic":
-            root = self.out / "synthetic-data"
+            root = self.out / (
+                "synthetic-data" if cfg.synth_shapes == "basic" else f"synthetic-{cfg.synth_shapes}"
+            )
             if is_main_process() and not (root / "annotations" / f"instances_{cfg.val_split}.json").exists():
                 self.log(f"writing the synthetic dataset ({cfg.synth_images} training images) to {root}")
                 splits = {
                     cfg.train_split.removesuffix("2017"): cfg.synth_images,
                     cfg.val_split.removesuffix("2017"): max(8, cfg.synth_images // 4),
                 }
-                write_synthetic(root, SynthConfig(images=cfg.synth_images, seed=cfg.seed), splits)
+                synth = SynthConfig(images=cfg.synth_images, seed=cfg.seed, shapes=cfg.synth_shapes)
+                write_synthetic(root, synth, splits)
             if is_dist():
                 dist.barrier()
         else:

@@ -1,8 +1,9 @@
 """A deterministic synthetic dataset in real COCO formats (instances + panoptic).
 
 Each image has a two-region background ("sky" over "ground", the *stuff* categories) and 0..N
-shapes (the *thing* categories: rectangles, ellipses, triangles, diamonds) of random colours and
-sizes that may overlap (every shape keeps at least half of itself visible). Boxes, masks and
+shapes (the *thing* categories: rectangles, ellipses, triangles, diamonds; or, with
+``shapes="other"``, another class set for fine-tuning: crosses, rings, hexagons, half-discs) of
+random colours and sizes that may overlap (every shape keeps at least half of itself visible). Boxes, masks and
 panoptic segments are computed from what is actually visible, like human annotation. Category ids
 are deliberately not contiguous (1, 2, 4, 7), as in real exports, so label mapping is exercised.
 
@@ -26,6 +27,9 @@ from ..errors import ConfigError
 from ..fileio import atomic_write, write_json_atomic
 
 THINGS = {1: "rectangle", 2: "ellipse", 4: "triangle", 7: "diamond"}
+# A second, disjoint class set: a model trained on THINGS can be fine-tuned to it.
+OTHER_THINGS = {3: "cross", 5: "ring", 6: "hexagon", 8: "half-disc"}
+SHAPE_SETS = {"basic": THINGS, "other": OTHER_THINGS}
 STUFF = {100: "sky", 101: "ground"}
 MIN_VISIBLE = 0.5  # a new shape may not hide more than half of an earlier one
 
@@ -41,8 +45,11 @@ class SynthConfig:
     max_objects: int = 5
     empty_fraction: float = 0.1
     image_format: str = "jpg"  # or "png"
+    shapes: str = "basic"  # the class set: "basic" (THINGS) or "other" (OTHER_THINGS)
 
     def __post_init__(self) -> None:
+        if self.shapes not in SHAPE_SETS:
+            raise ConfigError(f"shapes={self.shapes!r}: expected one of {', '.join(SHAPE_SETS)}")
         if self.images < 1:
             raise ConfigError(f"images={self.images}: must be at least 1")
         if not 32 <= self.min_size <= self.max_size:
@@ -60,8 +67,10 @@ class SynthSample:
     segments: np.ndarray  # int32[H, W]: 1..n = objects, n+1 = sky, n+2 = ground
 
 
-def _shape_mask(rng: np.random.Generator, height: int, width: int) -> tuple[int, np.ndarray]:
-    category = int(rng.choice(list(THINGS)))
+def _shape_mask(
+    rng: np.random.Generator, height: int, width: int, things: dict[int, str]
+) -> tuple[int, np.ndarray]:
+    category = int(rng.choice(list(things)))
     side = min(height, width)
     w = int(rng.uniform(0.15, 0.5) * side)
     h = int(np.clip(w * rng.uniform(0.6, 1.6), 0.12 * side, 0.6 * side))
@@ -70,16 +79,28 @@ def _shape_mask(rng: np.random.Generator, height: int, width: int) -> tuple[int,
     x1, y1 = x0 + w, y0 + h
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
-    name = THINGS[category]
+    name = things[category]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if name == "rectangle":
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=1)
     elif name == "ellipse":
         draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=1)
     elif name == "triangle":
         draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1) / 2, y0)], fill=1)
-    else:
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    elif name == "diamond":
         draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=1)
+    elif name == "cross":  # two bars a third of the box thick
+        tw, th = max(1, w // 3), max(1, h // 3)
+        draw.rectangle([x0 + tw, y0, x1 - 1 - tw, y1 - 1], fill=1)
+        draw.rectangle([x0, y0 + th, x1 - 1, y1 - 1 - th], fill=1)
+    elif name == "ring":  # an ellipse with a hole half its size
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=1)
+        draw.ellipse([x0 + w / 4, y0 + h / 4, x1 - 1 - w / 4, y1 - 1 - h / 4], fill=0)
+    elif name == "hexagon":
+        corners = np.linspace(0, 2 * np.pi, 7)[:-1]
+        draw.polygon([(cx + (w - 1) / 2 * np.cos(a), cy + (h - 1) / 2 * np.sin(a)) for a in corners], fill=1)
+    else:  # half-disc: the upper half of an ellipse twice the box's height
+        draw.pieslice([x0, y0, x1 - 1, y0 + 2 * h - 1], 180, 360, fill=1)
     return category, np.asarray(canvas, dtype=bool)
 
 
@@ -102,7 +123,7 @@ def generate_sample(rng: np.random.Generator, config: SynthConfig) -> SynthSampl
     for _ in range(wanted * 4):  # a few tries per shape to respect the visibility rule
         if len(objects) == wanted:
             break
-        category, mask = _shape_mask(rng, height, width)
+        category, mask = _shape_mask(rng, height, width, SHAPE_SETS[config.shapes])
         # Each earlier shape must keep at least MIN_VISIBLE of its full area after this one.
         hides_too_much = any(
             (owner == k).sum() - (owner[mask] == k).sum() < MIN_VISIBLE * obj["full_area"]
@@ -201,7 +222,7 @@ def make_synthetic(config: SynthConfig, split: str = "train") -> dict[str, Any]:
             {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
         )
 
-    things = [{"id": i, "name": n, "supercategory": "shape"} for i, n in THINGS.items()]
+    things = [{"id": i, "name": n, "supercategory": "shape"} for i, n in SHAPE_SETS[config.shapes].items()]
     info = {"description": f"detrkit synthetic shapes, seed {config.seed}, split {split}", "version": "1.0"}
     instances = {"info": info, "images": coco_images, "annotations": annotations, "categories": things}
     panoptic = {
