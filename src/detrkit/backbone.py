@@ -85,15 +85,23 @@ class Backbone(nn.Module):
             One ``(features [B, C_l, H_l, W_l], mask [B, H_l, W_l] or None)`` per returned layer,
             shallowest first.
         """
-        out = []
         images = images.contiguous(memory_format=torch.channels_last)
-        for features in self.body(images).values():
-            mask = None
-            if padding_mask is not None:
-                # Nearest-neighbour downsampling, exactly as the original (so padded outputs match).
-                mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-            out.append((features, mask))
-        return out
+        return with_masks(list(self.body(images).values()), padding_mask)
+
+
+def with_masks(
+    feature_maps: list[Tensor], padding_mask: Tensor | None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Pair each feature map Tensor[B, C, h, w] with the padding mask downsampled to it, Bool
+    Tensor[B, h, w] (None when nothing is padded)."""
+    out = []
+    for features in feature_maps:
+        mask = None
+        if padding_mask is not None:
+            # Nearest-neighbour downsampling, exactly as the original (so padded outputs match).
+            mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        out.append((features, mask))
+    return out
 
 
 def build_backbone(config: DetrConfig) -> nn.Module:

@@ -35,10 +35,10 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .backbone import with_masks
 from .errors import ConfigError
 
 _STRIDES = (4, 8, 16, 32)
@@ -206,11 +206,4 @@ class TimmBackbone(nn.Module):
             One ``(features [B, C_l, H_l, W_l], mask [B, H_l, W_l] or None)`` per returned stage,
             shallowest first.
         """
-        out = []
-        for features in self.body(images):
-            mask = None
-            if padding_mask is not None:
-                # Nearest-neighbour downsampling, exactly as the original (so padded outputs match).
-                mask = F.interpolate(padding_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-            out.append((features, mask))
-        return out
+        return with_masks(list(self.body(images)), padding_mask)
