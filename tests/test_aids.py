@@ -14,7 +14,7 @@ from detrkit.criterion import build_criterion
 from detrkit.data import SynthConfig, write_synthetic
 from detrkit.errors import ConfigError
 from detrkit.matcher import HungarianMatcher
-from detrkit.train_config import TrainConfig
+from detrkit.train_config import TrainConfig, build_config
 from detrkit.trainer import BEST, LAST, Trainer
 
 Q = 5
@@ -109,9 +109,14 @@ def test_group_losses_are_the_mean_of_each_group_on_its_own(with_norm):
     torch.testing.assert_close(grouped["cardinality_error"], alone[0]["cardinality_error"])
 
 
-def test_query_groups_refuse_masks():
+def test_query_groups_refuse_masks_but_a_preset_with_masks_trains_without_them():
     with pytest.raises(ConfigError, match="query_groups=2"):
         TrainConfig(query_groups=2, model={"masks": True})
+    assert build_config("cpu-tiny").query_groups > 1
+    for masks in ({"model.masks": True}, {"panoptic": True}):
+        assert build_config("cpu-tiny", overrides={**masks, "model.last_stage": 3}).query_groups == 1
+        with pytest.raises(ConfigError, match="query_groups=2"):
+            build_config("cpu-tiny", overrides={**masks, "model.last_stage": 3, "query_groups": 2})
     with pytest.raises(ValueError, match="mask head"):
         GroupDetr(detrkit.build_model(**{**SMALL, "masks": True, "d_model": 64}), 2)
 

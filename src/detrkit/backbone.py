@@ -89,9 +89,7 @@ class Backbone(nn.Module):
         return with_masks(list(self.body(images).values()), padding_mask)
 
 
-def with_masks(
-    feature_maps: list[Tensor], padding_mask: Tensor | None
-) -> list[tuple[Tensor, Tensor | None]]:
+def with_masks(feature_maps: list[Tensor], padding_mask: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
     """Pair each feature map Tensor[B, C, h, w] with the padding mask downsampled to it, Bool
     Tensor[B, h, w] (None when nothing is padded)."""
     out = []

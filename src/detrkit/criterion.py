@@ -232,7 +232,7 @@ class SetCriterion(nn.Module):
             if "masks" in self.losses and "masks" not in t:
                 raise ValueError(f"target {i}: a mask model needs 'masks' Bool Tensor[N, H, W]")
         # One host read for the whole batch (on a GPU each read waits for the device).
-        labels = torch.cat([t["labels"] for t in targets])
+        labels = torch.cat([t["labels"] for t in targets]) if targets else torch.empty(0)
         if len(labels):
             low, high = labels.aminmax()
             if bool((low < 0) | (high >= self.num_classes)):

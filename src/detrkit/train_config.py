@@ -240,7 +240,15 @@ def build_config(
         data = merge(data, PRESETS[preset])
     if config_file is not None:
         data = merge(data, read_config_file(config_file))
-    return TrainConfig.from_dict(merge(data, nest(overrides or {})))
+    data = merge(data, nest(overrides or {}))
+    # A preset's query groups are a detection aid: a mask or panoptic run of the preset trains
+    # without them (an explicit query_groups with masks is still refused, by validate).
+    chosen = "query_groups" in (overrides or {}) or (
+        config_file is not None and "query_groups" in read_config_file(config_file)
+    )
+    if not chosen and (data.get("panoptic") or data.get("model", {}).get("masks")):
+        data.pop("query_groups", None)
+    return TrainConfig.from_dict(data)
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -116,7 +116,9 @@ class Trainer:
             try:
                 self.aid = GroupDetr(self.model, config.query_groups).to(self.device)
             except ValueError as e:
-                raise ConfigError(f"query_groups={config.query_groups}: {e}") from None
+                raise ConfigError(
+                    f"query_groups={config.query_groups}: {e} (set query_groups=1 for this model)"
+                ) from None
         self.module: nn.Module = self.aid if self.aid is not None else self.model
         if is_dist():
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -168,7 +170,11 @@ class Trainer:
         model = saved["detrkit_config"]
         # Options built into the saved model (its input size, trainable parts, heads, architecture):
         # the resumed model is the saved one, so reporting such a change without making it would lie.
-        fixed = {key: base.get(key) for key in ("image_scale", "freeze_backbone", "panoptic", "query_groups")}
+        defaults = TrainConfig()  # for options an older run's config did not record
+        fixed = {
+            key: base.get(key, getattr(defaults, key))
+            for key in ("image_scale", "freeze_backbone", "panoptic", "query_groups")
+        }
         fixed.update({f"model.{field}": value for field, value in model.items()})
         for key, value in overrides.items():
             if (key in fixed or key.startswith("model.")) and _plain(fixed.get(key)) != _plain(value):
