@@ -238,15 +238,14 @@ def build_config(
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
         data = merge(data, PRESETS[preset])
+    chosen: dict[str, Any] = {}  # what the user chose: the config file, then the command line
     if config_file is not None:
-        data = merge(data, read_config_file(config_file))
-    data = merge(data, nest(overrides or {}))
+        chosen = read_config_file(config_file)
+    chosen = merge(chosen, nest(overrides or {}))
+    data = merge(data, chosen)
     # A preset's query groups are a detection aid: a mask or panoptic run of the preset trains
     # without them (an explicit query_groups with masks is still refused, by validate).
-    chosen = "query_groups" in (overrides or {}) or (
-        config_file is not None and "query_groups" in read_config_file(config_file)
-    )
-    if not chosen and (data.get("panoptic") or data.get("model", {}).get("masks")):
+    if "query_groups" not in chosen and (data.get("panoptic") or data.get("model", {}).get("masks")):
         data.pop("query_groups", None)
     return TrainConfig.from_dict(data)
 
