@@ -7,6 +7,19 @@ from detrkit.export import example_inputs
 torch.set_num_threads(2)
 
 
+# The model of the training tests (DetrConfig fields; classes come from the data).
+TINY_MODEL = dict(
+    backbone="resnet18",
+    d_model=32,
+    nheads=4,
+    enc_layers=1,
+    dec_layers=2,
+    dim_feedforward=64,
+    num_queries=6,
+    dropout=0.0,
+)
+
+
 def tiny_config(**overrides) -> detrkit.DetrConfig:
     """A model small enough for CPU tests, with every architectural feature still present."""
     base = dict(

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import detrkit
-from conftest import padded_batch, randomize_buffers, tiny_config
+from conftest import TINY_MODEL, padded_batch, randomize_buffers, tiny_config
 from detrkit.criterion import build_criterion
 from detrkit.data import SynthConfig, write_synthetic
 from detrkit.postprocess import PostProcess, PostProcessSegm
@@ -97,16 +97,7 @@ def test_training_on_cuda_saves_a_model_the_cpu_reads(tmp_path, data_root, amp, 
     config = TrainConfig(
         data=str(data_root),
         output_dir=str(tmp_path / "run"),
-        model=dict(
-            backbone="resnet18",
-            d_model=32,
-            nheads=4,
-            enc_layers=1,
-            dec_layers=2,
-            dim_feedforward=64,
-            num_queries=6,
-            dropout=0.0,
-        ),
+        model=TINY_MODEL,
         image_scale=0.12,
         epochs=2,
         batch_size=4,

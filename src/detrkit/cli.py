@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .predict_cli import bounded, non_negative_int, positive_float, positive_int, probability
+from .train_config import PRESETS
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -78,7 +79,10 @@ _TRAIN_OPTIONS = {
     "output_dir": (str, "run folder: checkpoints, metrics.jsonl, results"),
     "epochs": (int, "number of epochs"),
     "max_steps": (int, "stop after this many optimizer steps"),
-    "time_budget": (float, "minutes of training; the epoch that crosses it is the last"),
+    "time_budget": (
+        float,
+        "minutes of training (backbone pretraining included, evaluation not); the epoch that crosses it is the last",
+    ),
     "batch_size": (int, "images per process and step"),
     "grad_accum": (int, "accumulate gradients over this many batches"),
     "lr": (float, "learning rate of the transformer and heads (1e-4)"),
@@ -210,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or fine-tune a DETR (torchrun for several processes)")
     p.add_argument("--config", help="YAML/TOML/JSON file of training options")
-    p.add_argument("--preset", help="detr-r50, detr-r101, detr-r50-dc5, detr-r101-dc5, cpu-tiny")
+    p.add_argument("--preset", help=", ".join(PRESETS))
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --output-dir; given options override"
     )

@@ -45,11 +45,18 @@ def run_eval(args: argparse.Namespace) -> int:
     model.to(device)
     root = Path(args.data)
     if args.data == "synthetic":
-        from .data.synthetic import SynthConfig, write_synthetic
+        from .data.synthetic import SHAPE_SETS, SynthConfig, write_synthetic
 
-        root = Path(args.out or "runs/eval") / "synthetic-data"
+        # The class set the model was trained on (a model fine-tuned on the "other" shapes is
+        # evaluated on those); the basic set for a model that names neither.
+        names = set(model.config.class_names or ())
+        shapes = max(SHAPE_SETS, key=lambda key: (len(names & set(SHAPE_SETS[key].values())), key == "basic"))
+        root = Path(args.out or "runs/eval") / (
+            "synthetic-data" if shapes == "basic" else f"synthetic-{shapes}"
+        )
         if not (root / "annotations" / f"instances_{args.split}.json").exists():
-            write_synthetic(root, SynthConfig(images=64), {args.split.removesuffix("2017"): 16})
+            config = SynthConfig(images=64, shapes=shapes)
+            write_synthetic(root, config, {args.split.removesuffix("2017"): 16})
     scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
     transforms = eval_transforms(TransformConfig.scaled(scale))
     if args.panoptic:
