@@ -3,6 +3,7 @@ import torch
 
 import detrkit
 from detrkit.export import example_inputs
+from detrkit.train_config import TrainConfig
 
 torch.set_num_threads(2)
 
@@ -18,6 +19,23 @@ TINY_MODEL = dict(
     num_queries=6,
     dropout=0.0,
 )
+
+
+def tiny(tmp_path, data_root, **kw):
+    """A TrainConfig of TINY_MODEL on ``data_root``, writing to ``tmp_path / "run"``."""
+    base = dict(
+        data=str(data_root),
+        output_dir=str(tmp_path / "run"),
+        model=TINY_MODEL,
+        image_scale=0.12,
+        epochs=2,
+        batch_size=4,
+        num_workers=0,
+        eval_every=1,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
 
 
 def tiny_config(**overrides) -> detrkit.DetrConfig:

@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 import detrkit
-from conftest import TINY_MODEL, padded_batch, randomize_buffers, tiny_config
+from conftest import padded_batch, randomize_buffers, tiny, tiny_config
 from detrkit.criterion import build_criterion
 from detrkit.data import SynthConfig, write_synthetic
 from detrkit.postprocess import PostProcess, PostProcessSegm
-from detrkit.train_config import TrainConfig
 from detrkit.trainer import BEST, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,19 +93,7 @@ def data_root(tmp_path_factory):
 
 @pytest.mark.parametrize("amp,groups", [("none", 1), ("fp16", 1), ("bf16", 4)])
 def test_training_on_cuda_saves_a_model_the_cpu_reads(tmp_path, data_root, amp, groups):
-    config = TrainConfig(
-        data=str(data_root),
-        output_dir=str(tmp_path / "run"),
-        model=TINY_MODEL,
-        image_scale=0.12,
-        epochs=2,
-        batch_size=4,
-        num_workers=1,
-        device="cuda",
-        amp=amp,
-        query_groups=groups,
-        seed=0,
-    )
+    config = tiny(tmp_path, data_root, num_workers=1, device="cuda", amp=amp, query_groups=groups)
     trainer = Trainer(config)
     assert trainer.device.type == "cuda"
     metrics = trainer.fit()

@@ -13,7 +13,7 @@ import torch
 
 import detrkit
 import detrkit.cli
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tiny
 from detrkit.checkpoints import torch_load_safe
 from detrkit.data import SynthConfig, write_synthetic
 from detrkit.engine import TrainingError
@@ -28,22 +28,6 @@ def data_root(tmp_path_factory):
     return write_synthetic(
         root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
     )
-
-
-def tiny(tmp_path, data_root, **kw):
-    base = dict(
-        data=str(data_root),
-        output_dir=str(tmp_path / "run"),
-        model=TINY_MODEL,
-        image_scale=0.12,
-        epochs=2,
-        batch_size=4,
-        num_workers=0,
-        eval_every=1,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_a_run_writes_everything(tmp_path, data_root):
