@@ -55,10 +55,17 @@ def main() -> None:
         for r in records
         if "val" in r
     ]
+    pretrain = [r["pretrain"]["seconds"] for r in records if "pretrain" in r]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     write_json_atomic(
         out / "curve.json",
-        {"preset": args.preset, "overrides": overrides, "machine": machine, "curve": curve},
+        {
+            "preset": args.preset,
+            "overrides": overrides,
+            "machine": machine,
+            "pretrain_seconds": round(pretrain[0], 1) if pretrain else 0.0,
+            "curve": curve,
+        },
     )
     print(f"machine: {machine}")
     print(f"{'minutes':>8} {'epoch':>6} {'AP50':>7} {'AP':>7}")

@@ -93,10 +93,16 @@ def data_root(tmp_path_factory):
 
 @pytest.mark.parametrize("amp,groups", [("none", 1), ("fp16", 1), ("bf16", 4)])
 def test_training_on_cuda_saves_a_model_the_cpu_reads(tmp_path, data_root, amp, groups):
-    config = tiny(tmp_path, data_root, num_workers=1, device="cuda", amp=amp, query_groups=groups)
+    # 4 epochs of 4 steps: fp16's grad scaler skips steps while it lowers its initial scale.
+    config = tiny(tmp_path, data_root, epochs=4, num_workers=1, device="cuda", amp=amp, query_groups=groups)
     trainer = Trainer(config)
     assert trainer.device.type == "cuda"
+    assert (trainer.scaler is not None) == (amp == "fp16")  # a grad scaler for fp16 only
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     metrics = trainer.fit()
+    # Every trained part moved (a scaler that skipped every step would leave them as they were).
+    for name in ("class_embed.weight", "query_embed.weight", "input_proj.weight"):
+        assert not torch.equal(trainer.model.state_dict()[name], before[name]), name
     assert 0.0 <= metrics["bbox/AP"] <= 1.0 and torch.isfinite(torch.tensor(metrics["val/loss"]))
     on_cpu = detrkit.load_model(tmp_path / "run" / BEST).eval()
     on_gpu = detrkit.load_model(tmp_path / "run" / BEST).cuda().eval()

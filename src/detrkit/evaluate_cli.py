@@ -44,25 +44,32 @@ def run_eval(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model.to(device)
     root = Path(args.data)
+    split = args.split
     if args.data == "synthetic":
         from .data.synthetic import SHAPE_SETS, SynthConfig, write_synthetic
 
         # The class set the model was trained on (a model fine-tuned on the "other" shapes is
-        # evaluated on those); the basic set for a model that names neither.
-        names = set(model.config.class_names or ())
-        shapes = max(SHAPE_SETS, key=lambda key: (len(names & set(SHAPE_SETS[key].values())), key == "basic"))
+        # evaluated on those), by class names, else category ids; the basic set if neither tells.
+        names, ids = set(model.config.class_names or ()), set(model.config.category_ids or ())
+
+        def overlap(key: str) -> tuple[int, bool]:
+            shapes = SHAPE_SETS[key]
+            return len(names & set(shapes.values())) + len(ids & set(shapes)), key == "basic"
+
+        shapes = max(SHAPE_SETS, key=overlap)
         root = Path(args.out or "runs/eval") / (
             "synthetic-data" if shapes == "basic" else f"synthetic-{shapes}"
         )
-        if not (root / "annotations" / f"instances_{args.split}.json").exists():
+        split = f"{args.split.removesuffix('2017')}2017"  # the generator's names: train2017, val2017
+        if not (root / "annotations" / f"instances_{split}.json").exists():
             config = SynthConfig(images=64, shapes=shapes)
-            write_synthetic(root, config, {args.split.removesuffix("2017"): 16})
+            write_synthetic(root, config, {split.removesuffix("2017"): 16})
     scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
     transforms = eval_transforms(TransformConfig.scaled(scale))
     if args.panoptic:
         if not model.config.masks:
             raise DatasetError(f"{args.weights}: PQ needs a panoptic model (with a mask head)")
-        ann, images, pngs = resolve_panoptic(root, args.split)
+        ann, images, pngs = resolve_panoptic(root, split)
         categories = json.loads(ann.read_text()).get("categories", [])
         cmap = model_category_map(model.config, categories)
         dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
@@ -70,7 +77,7 @@ def run_eval(args: argparse.Namespace) -> int:
         isthing = {**dict(zip(model.config.label_ids, model.config.is_thing)), **dataset.isthing}
         evaluator = PanopticEvaluator(isthing, dataset.ground_truth, cmap.category_ids)
     else:
-        ann, images = resolve_split(root, args.split)
+        ann, images = resolve_split(root, split)
         categories = json.loads(ann.read_text()).get("categories", [])
         cmap = model_category_map(model.config, categories)
         dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)

@@ -188,7 +188,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 # cpu-tiny with a timm MobileNetV3-Large (from scratch, stride 8) in place of the ResNet-18: fewer
-# FLOPs per image, but on 2 CPU cores slower per epoch and half as fast to converge per epoch
+# FLOPs per image, but on 2 CPU cores slower per epoch and under half as fast to converge per epoch
 # (README, "A timm backbone on a CPU"); needs the [timm] extra.
 PRESETS["cpu-mobilenet"] = merge(PRESETS["cpu-tiny"], {"model": {"backbone": "timm:mobilenetv3_large_100"}})
 

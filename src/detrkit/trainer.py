@@ -542,12 +542,6 @@ class Trainer:
         )
         skips = SkipTracker(warn=self.log)
         metrics: dict[str, float] = {}
-        if cfg.backbone_pretrain_steps and not self.state.backbone_pretrained:
-            reason = self._no_pretraining_reason()
-            if reason is None:
-                self._pretrain_backbone()
-            else:
-                self.log(f"backbone pretraining skipped: {reason}")
 
         def out_of_budget() -> bool:
             # Training time of the whole run (pretraining included; evaluation and checkpointing
@@ -555,13 +549,29 @@ class Trainer:
             # counting): the minutes bench/convergence.py plots.
             return cfg.time_budget is not None and self.state.train_seconds >= 60 * cfg.time_budget
 
-        if self.state.epoch and out_of_budget():
+        def more_epochs() -> bool:
+            return self.state.epoch < cfg.epochs and (
+                cfg.max_steps is None or self.state.step < cfg.max_steps
+            )
+
+        if more_epochs() and out_of_budget():  # only a resumed run can have spent it already
             raise ConfigError(
                 f"time_budget={cfg.time_budget:g}: this run has already trained "
                 f"{self.state.train_seconds / 60:.1f} minutes; give a larger --time-budget to go on"
             )
+        if cfg.backbone_pretrain_steps and not self.state.backbone_pretrained:
+            reason = self._no_pretraining_reason()
+            if reason is None:
+                self._pretrain_backbone()
+                if more_epochs() and out_of_budget():
+                    self.log(
+                        f"backbone pretraining used the whole time budget ({cfg.time_budget:g} min): "
+                        "DETR trains one epoch, so that there is a model to evaluate and save"
+                    )
+            else:
+                self.log(f"backbone pretraining skipped: {reason}")
 
-        while self.state.epoch < cfg.epochs and (cfg.max_steps is None or self.state.step < cfg.max_steps):
+        while more_epochs():
             epoch = self.state.epoch
             # Seeding from (seed, epoch) makes an epoch replay identically after a resume.
             _seed_everything(cfg.seed + epoch * 1000 + rank())
