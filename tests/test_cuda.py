@@ -29,7 +29,7 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _targets(device):
+def _targets():
     g = torch.Generator().manual_seed(3)
     out = []
     for n in (3, 1):
@@ -37,8 +37,8 @@ def _targets(device):
         sizes = torch.rand(n, 2, generator=g) * 0.3 + 0.1
         out.append(
             {
-                "labels": torch.randint(0, 4, (n,), generator=g).to(device),
-                "boxes": torch.cat([centers, sizes], 1).to(device),
+                "labels": torch.randint(0, 4, (n,), generator=g),
+                "boxes": torch.cat([centers, sizes], 1),
             }
         )
     return out
@@ -51,7 +51,7 @@ def test_forward_and_losses_match_the_cpu(masks):
     randomize_buffers(model)
     criterion = build_criterion(model.config)
     images, mask = padded_batch()
-    targets = _targets("cpu")
+    targets = _targets()
     if masks:
         for t in targets:
             t["masks"] = (

@@ -36,9 +36,8 @@ class TrainConfig:
     panoptic: bool = False
     epochs: int = 300
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    time_budget: float | None = (
-        None  # minutes of training (evaluation excluded); the epoch crossing it is the last
-    )
+    # Minutes of training (backbone pretraining included, evaluation not); the epoch crossing it is the last.
+    time_budget: float | None = None
     batch_size: int = 2  # per process
     grad_accum: int = 1
     lr: float = 1e-4
@@ -136,6 +135,17 @@ class TrainConfig:
         return construct(cls, data, "training option")
 
 
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base``; the ``model`` sub-dict merges key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        if key == "model" and isinstance(value, dict):
+            out["model"] = {**out.get("model", {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
 # The paper's configurations, and small ones that train on a CPU in minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "detr-r50": {},
@@ -174,19 +184,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_workers": 0,
     },
 }
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``update`` into ``base``; the ``model`` sub-dict merges key by key."""
-    out = dict(base)
-    for key, value in update.items():
-        if key == "model" and isinstance(value, dict):
-            out["model"] = {**out.get("model", {}), **value}
-        else:
-            out[key] = value
-    return out
-
-
 # cpu-tiny with a timm MobileNetV3-Large (from scratch, stride 8) in place of the ResNet-18: fewer
 # FLOPs per image, but on 2 CPU cores slower per epoch and under half as fast to converge per epoch
 # (README, "A timm backbone on a CPU"); needs the [timm] extra.
