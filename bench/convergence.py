@@ -6,6 +6,7 @@ draws AP50 against cumulative training minutes (evaluation time excluded) and pr
 
     python bench/convergence.py --minutes 30 --out bench/results/convergence
     python bench/convergence.py --minutes 10 --set synth_images=2048 --set batch_size=16
+    python bench/convergence.py --epochs 8 --set device=cuda   # per-epoch comparisons elsewhere
 
 Every run leaves its run folder (checkpoints, metrics.jsonl) under --out, next to curve.png and
 curve.json.
@@ -31,6 +32,13 @@ def main() -> None:
     )
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="also stop after this many epochs (a linear/cosine schedule then decays over them, unless "
+        "the time budget ends the run first): per-epoch comparisons on other hardware",
+    )
     parser.add_argument("--out", default="bench/results/convergence")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="training option overrides"
@@ -40,7 +48,8 @@ def main() -> None:
 
     out = Path(args.out)
     overrides = dict(parse_assignment(a) for a in args.set)
-    overrides.update(output_dir=str(out / "run"), time_budget=args.minutes, epochs=10_000, eval_every=1)
+    overrides.update(output_dir=str(out / "run"), time_budget=args.minutes, eval_every=1)
+    overrides["epochs"] = args.epochs if args.epochs is not None else 10_000
     config = build_config(args.preset, overrides=overrides)
     Trainer(config, overwrite=args.overwrite).fit()
 

@@ -1,13 +1,17 @@
 """Training-only convergence aids (detrkit.aids): Group DETR's grouped decoding, matching and losses
-equal running each group on its own, and a model trained with an aid is a plain DETR in every
-format (no aid parameter in the saved weights; transformers loads it with the same outputs)."""
+equal running each group on its own; denoising queries are noised as DN-DETR's, decoded apart from
+the object queries and each other, and each is scored against its own object; a model trained with
+the aids is a plain DETR in every format (no aid parameter in the saved weights; transformers loads
+it with the same outputs)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert, generalized_box_iou
 
 import detrkit
 from conftest import padded_batch, require
-from detrkit.aids import GroupDetr
+from detrkit.aids import TrainingAids
 from detrkit.checkpoints import save_model, torch_load_safe
 from detrkit.convert import detrkit_to_original
 from detrkit.criterion import build_criterion
@@ -16,6 +20,7 @@ from detrkit.errors import ConfigError
 from detrkit.matcher import HungarianMatcher
 from detrkit.train_config import TrainConfig, build_config
 from detrkit.trainer import BEST, LAST, Trainer
+from detrkit.transformer import DenoisingQueries
 
 Q = 5
 SMALL = dict(
@@ -112,13 +117,117 @@ def test_group_losses_are_the_mean_of_each_group_on_its_own(with_norm):
 def test_query_groups_refuse_masks_but_a_preset_with_masks_trains_without_them():
     with pytest.raises(ConfigError, match="query_groups=2"):
         TrainConfig(query_groups=2, model={"masks": True})
+    with pytest.raises(
+        ConfigError, match="denoising_groups=3: this training aid trains detection models only"
+    ):
+        TrainConfig(denoising_groups=3, panoptic=True)
     assert build_config("cpu-tiny").query_groups > 1
     for masks in ({"model.masks": True}, {"panoptic": True}):
         assert build_config("cpu-tiny", overrides={**masks, "model.last_stage": 3}).query_groups == 1
         with pytest.raises(ConfigError, match="query_groups=2"):
             build_config("cpu-tiny", overrides={**masks, "model.last_stage": 3, "query_groups": 2})
     with pytest.raises(ValueError, match="mask head"):
-        GroupDetr(detrkit.build_model(**{**SMALL, "masks": True, "d_model": 64}), 2)
+        TrainingAids(detrkit.build_model(**{**SMALL, "masks": True, "d_model": 64}), 2)
+
+
+def test_denoising_queries_are_decoded_apart_from_the_object_queries_and_from_each_other():
+    torch.manual_seed(0)
+    model = detrkit.build_model(**SMALL).eval()
+    images, mask = padded_batch()
+    aid = TrainingAids(model, query_groups=2, denoising_groups=3)
+    queries, _ = aid.denoising_queries(_targets([2, 0]))  # the second image has no objects: all padding
+    extra = aid.extra_queries.weight
+    with torch.no_grad():
+        joint = model(images, mask, extra_queries=extra, denoising=queries)
+        plain = model(images, mask, extra_queries=extra)
+        # The object queries never see the denoising queries: their decoding is DETR's own.
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(joint[key], plain[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            joint["aux_outputs"][0]["pred_boxes"], plain["aux_outputs"][0]["pred_boxes"], atol=1e-5, rtol=1e-5
+        )
+        # Each denoising group decodes alone as it does among the others.
+        size = queries.content.shape[1] // 3
+        for g in range(3):
+            part = slice(g * size, (g + 1) * size)
+            alone = DenoisingQueries(
+                queries.content[:, part], queries.position[:, part], 1, queries.padding[:, part]
+            )
+            out = model(images, mask, denoising=alone)["denoising"]
+            torch.testing.assert_close(
+                out["pred_boxes"], joint["denoising"]["pred_boxes"][:, part], atol=1e-5, rtol=1e-5
+            )
+        # Empty slots are not attended to: what they hold changes no real query's output.
+        changed = queries._replace(content=queries.content.masked_fill(queries.padding[..., None], 3.0))
+        again = model(images, mask, extra_queries=extra, denoising=changed)["denoising"]
+        real = ~queries.padding
+        assert real.sum() == 3 * 2
+        torch.testing.assert_close(
+            again["pred_logits"][real], joint["denoising"]["pred_logits"][real], atol=1e-5, rtol=1e-5
+        )
+    assert torch.isfinite(joint["denoising"]["pred_boxes"]).all()  # an image of padding only stays finite
+
+
+def test_denoising_noise_is_dn_detrs():
+    torch.manual_seed(0)
+    aid = TrainingAids(detrkit.build_model(**SMALL), denoising_groups=400, label_noise=0.2, box_noise=0.4)
+    targets = _targets([3, 1])
+    labels, boxes, valid = aid.noised_targets(targets)
+    size = 3
+    assert labels.shape == (2, 400 * size) and boxes.shape == (2, 400 * size, 4)
+    truth_labels = torch.stack(
+        [torch.cat([t["labels"], torch.full((size - len(t["labels"]),), 3)]) for t in targets]
+    )
+    truth_boxes = torch.stack(
+        [torch.cat([t["boxes"], torch.zeros(size - len(t["boxes"]), 4)]) for t in targets]
+    )
+    truth_labels, truth_boxes = truth_labels.repeat(1, 400), truth_boxes.repeat(1, 400, 1)
+    assert torch.equal(valid, truth_labels != 3)
+    assert torch.equal(labels[~valid], truth_labels[~valid])  # empty slots stay "no object"
+    # A label is redrawn with probability 0.2, uniformly over the 3 classes: it changes 2/15 of the time.
+    changed = (labels[valid] != truth_labels[valid]).float().mean()
+    assert abs(changed - 0.2 * 2 / 3) < 0.02 and labels[valid].max() < 3
+    # Centres move by up to 0.4 * half the size, sizes by up to 40%, and both use their whole range.
+    shift = (boxes[..., :2] - truth_boxes[..., :2]).abs()[valid] / (truth_boxes[..., 2:][valid] / 2)
+    scale = (boxes[..., 2:] / truth_boxes[..., 2:].clamp(min=1e-9))[valid]
+    assert shift.max() <= 0.4 + 1e-5 and shift.max() > 0.39
+    assert (
+        scale.min() >= 0.6 - 1e-5 and scale.max() <= 1.4 + 1e-5 and scale.min() < 0.61 and scale.max() > 1.39
+    )
+    assert boxes.min() >= 0 and boxes.max() <= 1
+
+
+def test_denoising_losses_score_each_copy_against_its_own_object():
+    criterion = build_criterion(detrkit.DetrConfig(**SMALL))
+    criterion.add_denoising_weights()
+    targets = _targets([2, 0, 3])
+    aid = TrainingAids(detrkit.build_model(**SMALL), denoising_groups=2)
+    _, indices = aid.denoising_queries(targets)
+    outputs = _outputs(3, 2 * 3)  # 2 copies of M = 3 slots per image, 3 decoder layers
+    losses = criterion.denoising_losses({**outputs, "indices": indices, "groups": 2}, targets, num_boxes=5.0)
+    layers = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(outputs["aux_outputs"])]
+    for suffix, out in layers:
+        ce = l1 = giou = 0.0
+        for b, t in enumerate(targets):  # copy g of target j is query g * M + j
+            for g in range(2):
+                for j in range(len(t["labels"])):
+                    q = g * 3 + j
+                    ce -= F.log_softmax(out["pred_logits"][b, q], -1)[t["labels"][j]]
+                    l1 += (out["pred_boxes"][b, q] - t["boxes"][j]).abs().sum()
+                    pair = [
+                        box_convert(x[None], "cxcywh", "xyxy")
+                        for x in (out["pred_boxes"][b, q], t["boxes"][j])
+                    ]
+                    giou += 1 - generalized_box_iou(*pair)[0, 0]
+        torch.testing.assert_close(losses[f"loss_ce_dn{suffix}"], ce / 10)
+        torch.testing.assert_close(losses[f"loss_bbox_dn{suffix}"], l1 / 10)
+        torch.testing.assert_close(losses[f"loss_giou_dn{suffix}"], giou / 10)
+    for matched, denoising in (
+        ("loss_ce", "loss_ce_dn"),
+        ("loss_bbox_1", "loss_bbox_dn_1"),
+        ("loss_giou_0", "loss_giou_dn_0"),
+    ):
+        assert criterion.weight_dict[denoising] == criterion.weight_dict[matched]
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +238,23 @@ def data_root(tmp_path_factory):
     )
 
 
-def test_a_model_trained_with_query_groups_is_a_plain_detr_in_every_format(tmp_path, data_root):
+def test_a_model_trained_with_the_aids_is_a_plain_detr_in_every_format(tmp_path, data_root):
     transformers = require("transformers")
     model_fields = {k: v for k, v in SMALL.items() if k != "num_classes"}
     config = TrainConfig(
         data=str(data_root), output_dir=str(tmp_path / "run"), model=model_fields, image_scale=0.12,
-        epochs=2, batch_size=4, num_workers=0, seed=0, query_groups=3, lr=1e-3,
+        epochs=2, batch_size=4, num_workers=0, seed=0, query_groups=3, denoising_groups=2, lr=1e-3,
     )  # fmt: skip
     trainer = Trainer(config, log=lambda m: None)
-    start = {k: v.clone() for k, v in trainer.aid.extra_queries.state_dict().items()}
+    start = {k: v.clone() for k, v in trainer.aid.aid_state_dict().items()}
     trainer.fit()
     saved = torch_load_safe(tmp_path / "run" / LAST)
     plain = detrkit.build_model(detrkit.DetrConfig.from_dict(saved["detrkit_config"]))
-    assert saved["model"].keys() == plain.state_dict().keys()  # nothing of the aid in the model
+    assert saved["model"].keys() == plain.state_dict().keys()  # nothing of the aids in the model
     assert saved["aids"]["extra_queries.weight"].shape == (2 * Q, SMALL["d_model"])
-    assert not torch.equal(saved["aids"]["extra_queries.weight"], start["weight"])  # the aid trained
+    assert saved["aids"]["label_embed.weight"].shape == (4 + 1, SMALL["d_model"])  # 4 synthetic classes
+    for key in ("extra_queries.weight", "label_embed.weight", "box_embed.layers.0.weight"):
+        assert not torch.equal(saved["aids"][key], start[key]), key  # the aids trained
 
     model = detrkit.load_model(tmp_path / "run" / BEST).eval()
     images, mask = padded_batch()
@@ -168,7 +279,7 @@ def test_resume_restores_the_aid_and_refuses_to_change_it(tmp_path, data_root):
     model_fields = {k: v for k, v in SMALL.items() if k != "num_classes"}
     base = dict(
         data=str(data_root), model=model_fields, image_scale=0.12, batch_size=4, num_workers=0, seed=0,
-        query_groups=2, lr=1e-3,
+        query_groups=2, denoising_groups=2, lr=1e-3,
     )  # fmt: skip
     Trainer(TrainConfig(output_dir=str(tmp_path / "a"), epochs=2, **base), log=lambda m: None).fit()
     Trainer(TrainConfig(output_dir=str(tmp_path / "b"), epochs=1, **base), log=lambda m: None).fit()
@@ -178,10 +289,12 @@ def test_resume_restores_the_aid_and_refuses_to_change_it(tmp_path, data_root):
     )  # fmt: skip
     resumed.fit()
     a, b = torch_load_safe(tmp_path / "a" / LAST), torch_load_safe(tmp_path / "b" / LAST)
+    assert "label_embed.weight" in a["aids"]
     for key in ("model", "aids"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    with pytest.raises(ConfigError, match="query_groups"):
-        Trainer(
-            TrainConfig(output_dir=str(tmp_path / "b"), **base), resume=True, overrides={"query_groups": 3},
-            log=lambda m: None,
-        )  # fmt: skip
+    for change in ({"query_groups": 3}, {"denoising_groups": 0}):
+        with pytest.raises(ConfigError, match=next(iter(change))):
+            Trainer(
+                TrainConfig(output_dir=str(tmp_path / "b"), **base), resume=True, overrides=change,
+                log=lambda m: None,
+            )  # fmt: skip

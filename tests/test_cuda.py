@@ -91,10 +91,13 @@ def data_root(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("amp,groups", [("none", 1), ("fp16", 1), ("bf16", 4)])
-def test_training_on_cuda_saves_a_model_the_cpu_reads(tmp_path, data_root, amp, groups):
+@pytest.mark.parametrize("amp,groups,denoising", [("none", 1, 0), ("fp16", 1, 3), ("bf16", 4, 3)])
+def test_training_on_cuda_saves_a_model_the_cpu_reads(tmp_path, data_root, amp, groups, denoising):
     # 4 epochs of 4 steps: fp16's grad scaler skips steps while it lowers its initial scale.
-    config = tiny(tmp_path, data_root, epochs=4, num_workers=1, device="cuda", amp=amp, query_groups=groups)
+    config = tiny(
+        tmp_path, data_root, epochs=4, num_workers=1, device="cuda", amp=amp, query_groups=groups,
+        denoising_groups=denoising, lr_schedule="linear" if denoising else "step",
+    )  # fmt: skip
     trainer = Trainer(config)
     assert trainer.device.type == "cuda"
     assert (trainer.scaler is not None) == (amp == "fp16")  # a grad scaler for fp16 only
@@ -111,6 +114,7 @@ def test_training_on_cuda_saves_a_model_the_cpu_reads(tmp_path, data_root, amp, 
         ref, out = on_cpu(images, mask), on_gpu(images.cuda(), mask.cuda())
     torch.testing.assert_close(out["pred_boxes"].cpu(), ref["pred_boxes"], rtol=1e-4, atol=1e-4)
     assert on_cpu.query_embed.weight.shape[0] == 6  # the aid's extra queries stay out of the model
+    assert (trainer.aid is not None) == (groups > 1 or denoising > 0)
 
 
 def test_detector_on_cuda_gives_the_cpu_detections(tmp_path):

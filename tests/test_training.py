@@ -382,6 +382,48 @@ def test_time_budget_counts_training_minutes_not_evaluation(tmp_path, data_root,
     assert resumed.state.epoch == done
 
 
+@pytest.mark.parametrize("schedule,fraction", [("linear", 1.0), ("cosine", 1.0), ("linear", 0.5)])
+def test_per_step_schedules_decay_to_zero_as_torchs_schedulers_do(tmp_path, data_root, schedule, fraction):
+    config = tiny(
+        tmp_path, data_root, epochs=4, eval_every=0, lr=2e-3, lr_backbone=5e-4, lr_schedule=schedule,
+        lr_decay_fraction=fraction,
+    )  # fmt: skip
+    trainer = Trainer(config, log=lambda m: None)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
+    trainer.fit()
+    steps = 4 * 2  # 8 training images in batches of 4
+    decay_steps = round(steps * fraction)  # constant before them
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    if schedule == "linear":
+        scheduler = torch.optim.lr_scheduler.LinearLR(reference, 1.0, 0.0, total_iters=decay_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=decay_steps)
+    expected = [1.0] * (steps - decay_steps)
+    for _ in range(decay_steps):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        scheduler.step()
+    assert len(seen) == steps
+    for (lr, lr_backbone), factor in zip(seen, expected, strict=True):
+        assert lr == pytest.approx(2e-3 * factor, abs=1e-9) and lr_backbone == pytest.approx(
+            5e-4 * factor, abs=1e-9
+        )
+
+
+def test_under_a_time_budget_the_schedule_follows_the_clock(tmp_path, data_root):
+    config = tiny(tmp_path, data_root, epochs=1000, time_budget=1.0, lr_schedule="linear")
+    trainer = Trainer(config, log=lambda m: None)
+    trainer.state.train_seconds = 15.0
+    factor = trainer._lr_factor(time.time() - 15.0, batches=2)
+    assert factor() == pytest.approx(0.5, abs=0.01)  # 30 of 60 seconds trained
+    trainer.state.step = 1800  # of 2000 by the epochs: now the steps are further along than the clock
+    assert factor() == pytest.approx(0.1, abs=1e-6)
+    assert Trainer(tiny(tmp_path / "b", data_root), log=lambda m: None)._lr_factor(0.0, 2) is None  # "step"
+    with pytest.raises(ConfigError, match="lr_schedule='warm': expected one of step, linear, cosine"):
+        tiny(tmp_path, data_root, lr_schedule="warm")
+
+
 def test_backbone_pretraining_never_overwrites_trained_weights(tmp_path, data_root):
     # A run that trained without the stage, resumed with it switched on, keeps its weights.
     cfg = tiny(tmp_path, data_root, epochs=1, eval_every=0)

@@ -89,6 +89,14 @@ _TRAIN_OPTIONS = {
     "lr_backbone": (float, "learning rate of the backbone (1e-5)"),
     "weight_decay": (float, "AdamW weight decay (1e-4)"),
     "lr_drop": (int, "epochs before the learning rate drops 10x"),
+    "lr_schedule": (
+        str,
+        "step (the paper's drop after --lr-drop epochs), linear or cosine (decay to 0 over the run or its --time-budget)",
+    ),
+    "lr_decay_fraction": (
+        float,
+        "linear/cosine: decay over this last share of the run, constant before (1.0)",
+    ),
     "clip_max_norm": (float, "gradient clipping (0.1); 0 disables"),
     "amp": (str, "mixed precision: none, bf16 or fp16 (CUDA)"),
     "ema_decay": (float, "keep an exponential moving average of the weights (e.g. 0.9997)"),
@@ -101,6 +109,10 @@ _TRAIN_OPTIONS = {
     "synth_images": (int, "training images of the synthetic dataset"),
     "synth_shapes": (str, "class set of the synthetic dataset: basic or other"),
     "query_groups": (int, "Group DETR: train this many query groups (training only; 1 = off)"),
+    "denoising_groups": (
+        int,
+        "DN-DETR: train with this many noised copies of the ground truth as queries (training only; 0 = off)",
+    ),
     "freeze_backbone": (None, "do not train the backbone"),
 }
 

@@ -312,7 +312,40 @@ class SetCriterion(nn.Module):
                 kwargs = {"log": False, "class_weight": class_weight} if loss == "labels" else {}
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+        if "denoising" in outputs:
+            losses.update(self.denoising_losses(outputs["denoising"], targets, norm.num_boxes))
         return losses
+
+    def denoising_losses(self, denoising: dict, targets: list[dict[str, Tensor]], num_boxes: float):
+        """The losses of training-only denoising queries (:mod:`detrkit.aids`), whose targets are known
+        (``denoising["indices"]``, no matching): ``loss_ce_dn`` (cross-entropy over the K+1 classes
+        against the true label), ``loss_bbox_dn`` and ``loss_giou_dn``, each summed over the
+        ``denoising["groups"]`` copies and divided by their box count, and a ``_{i}`` copy per
+        auxiliary decoder layer. Weighted as the matched losses (:meth:`add_denoising_weights`)."""
+        indices = denoising["indices"]
+        num_boxes = num_boxes * denoising["groups"]
+        idx = self._src_permutation_idx(indices)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        losses = {}
+        layers = [("", denoising)] + [(f"_{i}", a) for i, a in enumerate(denoising.get("aux_outputs", []))]
+        for suffix, out in layers:
+            logits = out["pred_logits"][idx].float()
+            losses[f"loss_ce_dn{suffix}"] = (
+                F.cross_entropy(logits, labels.to(logits.device), reduction="sum") / num_boxes
+            )
+            boxes = self.loss_boxes(out, targets, indices, num_boxes)
+            losses[f"loss_bbox_dn{suffix}"] = boxes["loss_bbox"]
+            losses[f"loss_giou_dn{suffix}"] = boxes["loss_giou"]
+        return losses
+
+    def add_denoising_weights(self) -> None:
+        """Weigh the denoising losses as their matched counterparts: ``loss_ce_dn`` as ``loss_ce``,
+        ``loss_bbox_dn_0`` as ``loss_bbox_0``, and so on."""
+        for key, value in list(self.weight_dict.items()):
+            for loss in ("loss_ce", "loss_bbox", "loss_giou"):
+                layer = key[len(loss) :]
+                if key.startswith(loss) and (layer == "" or layer[1:].isdigit()):
+                    self.weight_dict[f"{loss}_dn{layer}"] = value
 
     def _groups(self, num_outputs: int) -> int:
         """How many query groups ``num_outputs`` queries are (1 unless training with query groups)."""

@@ -38,6 +38,15 @@ def all_processes(flag: bool, device: torch.device) -> bool:
     return not any_process(not flag, device)
 
 
+def max_over_processes(value: float, device: torch.device) -> float:
+    """The largest of every process's ``value`` (``value`` itself in a single process)."""
+    if not is_dist():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of ``values`` over processes, in one collective (``values`` in one process)."""
     if not is_dist():

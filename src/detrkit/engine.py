@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .aids import unwrap
+from .aids import TrainingAids, unwrap
 from .criterion import SetCriterion
 from .data.collate import Batch, SkipTracker
 from .distributed import all_processes, any_process, is_main_process, sum_over_processes, union_over_processes
@@ -79,6 +79,7 @@ def train_one_epoch(
     max_bad_steps: int = 5,
     skips: SkipTracker | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
+    lr_factor: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader`` (or until ``max_steps`` optimizer steps in total).
 
@@ -87,6 +88,9 @@ def train_one_epoch(
     the same collectives in every step, whatever its data did: the decisions to skip a step (a
     process whose batches of the step were all unreadable, a non-finite loss anywhere) are taken
     together, and the gradients are synchronised once, by the last backward of the step.
+
+    ``lr_factor``, when given, is called before every optimizer step: each parameter group's rate
+    becomes its ``initial_lr`` times the factor (the per-step schedules of :mod:`detrkit.schedule`).
 
     Returns the mean over steps (and processes) of every loss, weighted ``loss`` included.
     """
@@ -99,6 +103,9 @@ def train_one_epoch(
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     consumed = 0  # batches read since the last progress report
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    # Denoising queries are built from the ground truth: that aid takes the targets too.
+    takes_targets = isinstance(inner, TrainingAids) and inner.denoising_groups > 0
     for group in _micro_batch_groups(loader, grad_accum, skips):
         if max_steps is not None and state.step >= max_steps:
             break
@@ -118,7 +125,10 @@ def train_one_epoch(
                 sync = model.no_sync()  # gradients are all-reduced once, by the step's last backward
             with sync:
                 with _autocast(device, amp):
-                    outputs = model(batch.images, batch.padding_mask)
+                    if takes_targets:
+                        outputs = model(batch.images, batch.padding_mask, batch.targets)
+                    else:
+                        outputs = model(batch.images, batch.padding_mask)
                 loss_dict = criterion(outputs, batch.targets, norm)
                 loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
                 finite &= torch.isfinite(loss.detach())  # read once per step, not per batch
@@ -149,6 +159,10 @@ def train_one_epoch(
                 )
             continue
         state.bad_streak = 0
+        if lr_factor is not None:
+            factor = lr_factor()
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = param_group["initial_lr"] * factor
         if scaler is not None:
             scaler.unscale_(optimizer)
         if clip_max_norm > 0:

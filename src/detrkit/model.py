@@ -10,7 +10,7 @@ from .backbone import build_backbone
 from .config import DetrConfig
 from .position_encoding import build_position_encoding
 from .segmentation import MaskHeadSmallConv, MHAttentionMap
-from .transformer import Transformer
+from .transformer import DenoisingQueries, Transformer
 
 
 class MLP(nn.Module):
@@ -64,7 +64,11 @@ class Detr(nn.Module):
                         parameter.requires_grad_(False)
 
     def forward(
-        self, images: Tensor, padding_mask: Tensor | None = None, extra_queries: Tensor | None = None
+        self,
+        images: Tensor,
+        padding_mask: Tensor | None = None,
+        extra_queries: Tensor | None = None,
+        denoising: DenoisingQueries | None = None,
     ) -> dict[str, Tensor | list]:
         """
         Args:
@@ -73,6 +77,9 @@ class Detr(nn.Module):
             extra_queries: training only (:mod:`detrkit.aids`): Tensor[(G-1)*Q, E], more groups of
                 Q object queries decoded alongside the model's own, each group attending only to
                 itself; the outputs then cover all G*Q queries, the model's own first.
+            denoising: training only (:mod:`detrkit.aids`): D queries built from noised ground
+                truth, decoded alongside (unseen by the object queries); their outputs come apart,
+                as ``denoising``: a dict with ``pred_logits``, ``pred_boxes`` (and ``aux_outputs``).
 
         Returns:
             ``pred_logits`` Tensor[B, Q, K+1] (last class = no object), ``pred_boxes`` Tensor[B, Q, 4]
@@ -103,17 +110,19 @@ class Detr(nn.Module):
                 )
             groups = 1 + extra_queries.shape[0] // queries.shape[0]
             queries = torch.cat([queries, extra_queries])
+        if denoising is not None and self.config.masks:
+            raise ValueError("denoising queries are for detection models: the mask head runs on one group")
         hs, memory = self.transformer(
-            src_proj, mask, queries, pos, return_intermediate=aux, query_groups=groups
+            src_proj, mask, queries, pos, return_intermediate=aux, query_groups=groups, denoising=denoising
         )
 
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
-        out: dict[str, Tensor | list] = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if aux:
-            out["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])
-            ]
+        if denoising is None:
+            out = _head_outputs(outputs_class, outputs_coord, aux)
+        else:  # the denoising queries' outputs come after the object queries'
+            out = _head_outputs(outputs_class, outputs_coord, aux, slice(None, queries.shape[0]))
+            out["denoising"] = _head_outputs(outputs_class, outputs_coord, aux, slice(queries.shape[0], None))
         if self.config.masks:
             bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
             # Strides 16, 8, 4 (with last_stage 3 the first is the transformer input's own stride).
@@ -121,6 +130,19 @@ class Detr(nn.Module):
             seg_masks = self.mask_head(src_proj, bbox_mask, fpns)
             out["pred_masks"] = seg_masks.view(images.shape[0], -1, *seg_masks.shape[-2:])
         return out
+
+
+def _head_outputs(
+    logits: Tensor, boxes: Tensor, aux: bool, part: slice | None = None
+) -> dict[str, Tensor | list]:
+    """The output dict of the queries ``part`` (all by default) from the heads' outputs of every
+    decoder layer (Tensor[L, B, Q, *])."""
+    if part is not None:
+        logits, boxes = logits[:, :, part], boxes[:, :, part]
+    out: dict[str, Tensor | list] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+    return out
 
 
 def build_model(config: DetrConfig | None = None, **overrides) -> Detr:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .aids import GroupDetr
+from .aids import TrainingAids
 from .checkpoints import load_model, torch_load_safe
 from .config import DetrConfig
 from .criterion import build_criterion
@@ -31,7 +31,15 @@ from .data.collate import AspectRatioBatchSampler, ShardSampler, SkipTracker, co
 from .data.layout import resolve_panoptic, resolve_split
 from .data.synthetic import SynthConfig, write_synthetic
 from .data.transforms import TransformConfig, eval_transforms, train_transforms
-from .distributed import any_process, is_dist, is_main_process, pick_device, rank, world_size
+from .distributed import (
+    any_process,
+    is_dist,
+    is_main_process,
+    max_over_processes,
+    pick_device,
+    rank,
+    world_size,
+)
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
@@ -39,6 +47,7 @@ from .fileio import atomic_write, check_output, write_json_atomic
 from .model import Detr
 from .pq import PanopticEvaluator
 from .pretrain import pretrain_backbone
+from .schedule import lr_factor, run_progress
 from .train_config import TrainConfig, merge, nest
 
 LAST = "checkpoint_last.pth"
@@ -111,14 +120,19 @@ class Trainer:
         self.model = self._build_model(saved).to(self.device)
         self.criterion = build_criterion(self.model.config).to(self.device)
         # What trains: the model, or the model inside a training-only aid (never saved as the model).
-        self.aid: GroupDetr | None = None
-        if config.query_groups > 1:
+        self.aid: TrainingAids | None = None
+        if config.query_groups > 1 or config.denoising_groups:
             try:
-                self.aid = GroupDetr(self.model, config.query_groups).to(self.device)
+                self.aid = TrainingAids(self.model, config.query_groups, config.denoising_groups).to(
+                    self.device
+                )
             except ValueError as e:
                 raise ConfigError(
-                    f"query_groups={config.query_groups}: {e} (set query_groups=1 for this model)"
+                    f"query_groups={config.query_groups}, denoising_groups={config.denoising_groups}: {e} "
+                    "(set query_groups=1 and denoising_groups=0 for this model)"
                 ) from None
+            if config.denoising_groups:
+                self.criterion.add_denoising_weights()
         self.module: nn.Module = self.aid if self.aid is not None else self.model
         if is_dist():
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -173,7 +187,7 @@ class Trainer:
         defaults = TrainConfig()  # for options an older run's config did not record
         fixed = {
             key: base.get(key, getattr(defaults, key))
-            for key in ("image_scale", "freeze_backbone", "panoptic", "query_groups")
+            for key in ("image_scale", "freeze_backbone", "panoptic", "query_groups", "denoising_groups")
         }
         fixed.update({f"model.{field}": value for field, value in model.items()})
         for key, value in overrides.items():
@@ -318,7 +332,7 @@ class Trainer:
             p for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad
         ]
         if self.aid is not None:
-            rest += list(self.aid.extra_queries.parameters())
+            rest += self.aid.aid_parameters()
         groups = [{"params": rest, "lr": cfg.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": cfg.lr_backbone})
@@ -527,6 +541,29 @@ class Trainer:
         )
         self._save(LAST)
 
+    def _lr_factor(self, epoch_start: float, batches: int) -> Callable[[], float] | None:
+        """The per-step learning-rate factor of a ``linear``/``cosine`` schedule in this epoch (which
+        started at ``epoch_start`` and has ``batches`` batches); None for the paper's ``step``."""
+        cfg = self.config
+        if cfg.lr_schedule == "step":
+            return None
+        steps_per_epoch = -(-batches // cfg.grad_accum)
+        total_steps = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps)
+
+        def factor() -> float:
+            seconds = None
+            if cfg.time_budget is not None:
+                # The processes' clocks differ: all must use the same rate, or their weights drift apart.
+                seconds = max_over_processes(
+                    self.state.train_seconds + time.time() - epoch_start, self.device
+                )
+            progress = run_progress(self.state.step, total_steps, seconds, cfg.time_budget)
+            return lr_factor(cfg.lr_schedule, progress, cfg.lr_decay_fraction)
+
+        return factor
+
     def fit(self) -> dict[str, float]:
         from tqdm import tqdm
 
@@ -595,6 +632,7 @@ class Trainer:
                 self.module, self.criterion, train_loader, self.optimizer, self.device, self.state,
                 clip_max_norm=cfg.clip_max_norm, grad_accum=cfg.grad_accum, amp=cfg.amp, scaler=self.scaler,
                 ema=self.ema, max_steps=cfg.max_steps, max_bad_steps=cfg.max_bad_steps, skips=skips, progress=progress,
+                lr_factor=self._lr_factor(start, len(train_loader)),
             )  # fmt: skip
             bar.close()
             share = len(train_loader.batch_sampler.sampler)  # this process's samples this epoch
@@ -605,7 +643,8 @@ class Trainer:
                     f"no training image could be loaded in epoch {epoch + 1}, on at least one process (e.g. "
                     f"{min(skips.seen, default='on another process')}): check the image folder of {cfg.data}"
                 )
-            self.scheduler.step()
+            if cfg.lr_schedule == "step":
+                self.scheduler.step()
             self.state.epoch += 1
             self.state.train_seconds += time.time() - start
             summary = skips.end_epoch()

@@ -8,6 +8,8 @@ decoder keeps its un-normalised state between layers and normalises only the cop
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,6 +100,28 @@ def _join_groups(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.reshape(x.shape[0] // groups, x.shape[1] * groups, x.shape[2])
 
 
+class QuerySegment(NamedTuple):
+    """``count`` consecutive groups of ``size`` decoder queries; each group attends only to itself
+    in self-attention. ``padding``: Bool Tensor[B, count * size], True on queries no other query
+    of the group may attend to (empty slots), or None."""
+
+    count: int
+    size: int
+    padding: Tensor | None = None
+
+
+class DenoisingQueries(NamedTuple):
+    """Training-only decoder queries built from noised ground truth (:mod:`detrkit.aids`): initial
+    decoder states ``content`` and position embeddings ``position``, Tensor[B, groups * M, E] each,
+    in ``groups`` groups of M that attend only within themselves (never to the object queries, which
+    never see them either); ``padding`` Bool Tensor[B, groups * M] marks slots without an object."""
+
+    content: Tensor
+    position: Tensor
+    groups: int
+    padding: Tensor | None = None
+
+
 class _Layer(nn.Module):
     """What encoder and decoder layers share: self-attention, the ReLU FFN, norms and dropouts
     (``norm1..n``/``dropout1..n``, the original's parameter names)."""
@@ -151,29 +175,43 @@ class TransformerDecoderLayer(_Layer):
         memory_key_padding_mask: Tensor | None,
         pos: Tensor | None,
         query_pos: Tensor,
-        groups: int = 1,
+        segments: tuple[QuerySegment, ...] | None = None,
     ) -> Tensor:
         """tgt, query_pos: Tensor[B, Q, E]; memory, pos: Tensor[B, S, E]; mask: Bool Tensor[B, S] or None.
 
-        ``groups``: the queries are ``groups`` equal, consecutive groups that do not see each other in
-        self-attention (Group DETR's training-only query groups); 1 = the plain DETR layer."""
+        ``segments``: the queries are consecutive groups that do not see each other in self-attention
+        (the training-only query groups and denoising queries); None = the plain DETR layer."""
         key = _with_pos(memory, pos)
         if self.pre_norm:
             x = self.norm1(tgt)
-            tgt = tgt + self.dropout1(self._self_attention(x + query_pos, x, groups))
+            tgt = tgt + self.dropout1(self._self_attention(x + query_pos, x, segments))
             x = self.norm2(tgt)
             tgt = tgt + self.dropout2(
                 self.multihead_attn(x + query_pos, key, memory, memory_key_padding_mask)[0]
             )
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt + query_pos, tgt, groups)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt + query_pos, tgt, segments)))
         attended = self.multihead_attn(tgt + query_pos, key, memory, memory_key_padding_mask)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 
-    def _self_attention(self, qk: Tensor, value: Tensor, groups: int) -> Tensor:
-        qk = _split_groups(qk, groups)
-        return _join_groups(self.self_attn(qk, qk, _split_groups(value, groups))[0], groups)
+    def _self_attention(self, qk: Tensor, value: Tensor, segments: tuple[QuerySegment, ...] | None) -> Tensor:
+        if segments is None:
+            return self.self_attn(qk, qk, value)[0]
+        outs, start = [], 0
+        for count, size, padding in segments:
+            end = start + count * size
+            q = _split_groups(qk[:, start:end], count)
+            key_padding = None
+            if padding is not None:
+                key_padding = padding.reshape(-1, size)
+                # A group with no query to attend to (an image without objects) attends to all of
+                # them instead: its outputs are unused, and an all-masked softmax would be NaN.
+                key_padding = key_padding & ~key_padding.all(1, keepdim=True)
+            attended = self.self_attn(q, q, _split_groups(value[:, start:end], count), key_padding)[0]
+            outs.append(_join_groups(attended, count))
+            start = end
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 class TransformerEncoder(nn.Module):
@@ -202,12 +240,12 @@ class TransformerDecoder(nn.Module):
         pos: Tensor | None,
         query_pos: Tensor,
         return_intermediate: bool,
-        groups: int = 1,
+        segments: tuple[QuerySegment, ...] | None = None,
     ) -> Tensor:
         """Returns Tensor[L, B, Q, E] (every layer, normalised) or Tensor[1, B, Q, E] (last layer only)."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, groups)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, segments)
             if return_intermediate:
                 # The un-normalised state goes on to the next layer; only this copy is normalised.
                 intermediate.append(self.norm(tgt))
@@ -256,6 +294,7 @@ class Transformer(nn.Module):
         pos_embed: Tensor,
         return_intermediate: bool = True,
         query_groups: int = 1,
+        denoising: DenoisingQueries | None = None,
     ) -> tuple[Tensor, Tensor]:
         """
         Args:
@@ -265,9 +304,11 @@ class Transformer(nn.Module):
             pos_embed: Tensor[B, E, H, W].
             query_groups: split the queries into this many equal groups that do not attend to each
                 other (training-only query groups); 1 for DETR itself.
+            denoising: training-only denoising queries, decoded after the object queries.
 
         Returns:
-            hs: decoder outputs, Tensor[L, B, Q, E] (L = 1 unless ``return_intermediate``);
+            hs: decoder outputs, Tensor[L, B, Q (+ D), E] (L = 1 unless ``return_intermediate``), the
+                D denoising queries' after the object queries';
             memory: encoder output, Tensor[B, E, H, W].
         """
         batch, channels, height, width = src.shape
@@ -277,5 +318,13 @@ class Transformer(nn.Module):
         query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
         memory = self.encoder(src, key_padding_mask, pos)
         tgt = torch.zeros_like(query_pos)
-        hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, return_intermediate, query_groups)
+        segments = None
+        if query_groups > 1 or denoising is not None:
+            segments = (QuerySegment(query_groups, query_pos.shape[1] // query_groups),)
+        if denoising is not None:
+            size = denoising.content.shape[1] // denoising.groups
+            segments += (QuerySegment(denoising.groups, size, denoising.padding),)
+            tgt = torch.cat([tgt, denoising.content], 1)
+            query_pos = torch.cat([query_pos, denoising.position], 1)
+        hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, return_intermediate, segments)
         return hs, memory.transpose(1, 2).reshape(batch, channels, height, width)
