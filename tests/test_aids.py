@@ -135,7 +135,7 @@ def test_denoising_queries_are_decoded_apart_from_the_object_queries_and_from_ea
     model = detrkit.build_model(**SMALL).eval()
     images, mask = padded_batch()
     aid = TrainingAids(model, query_groups=2, denoising_groups=3)
-    queries, _ = aid.denoising_queries(_targets([2, 0]))  # the second image has no objects: all padding
+    queries, _ = aid.denoising_queries(_targets([2, 1]))  # M = 2: the second image has an empty slot
     extra = aid.extra_queries.weight
     with torch.no_grad():
         joint = model(images, mask, extra_queries=extra, denoising=queries)
@@ -161,11 +161,14 @@ def test_denoising_queries_are_decoded_apart_from_the_object_queries_and_from_ea
         changed = queries._replace(content=queries.content.masked_fill(queries.padding[..., None], 3.0))
         again = model(images, mask, extra_queries=extra, denoising=changed)["denoising"]
         real = ~queries.padding
-        assert real.sum() == 3 * 2
+        assert real.sum() == 3 * 3
         torch.testing.assert_close(
             again["pred_logits"][real], joint["denoising"]["pred_logits"][real], atol=1e-5, rtol=1e-5
         )
-    assert torch.isfinite(joint["denoising"]["pred_boxes"]).all()  # an image of padding only stays finite
+        # An image without objects has only empty slots: its outputs are unused, but must stay finite.
+        empty, _ = aid.denoising_queries(_targets([1, 0]))
+        assert empty.padding[1].all()
+        assert torch.isfinite(model(images, mask, denoising=empty)["denoising"]["pred_boxes"]).all()
 
 
 def test_denoising_noise_is_dn_detrs():

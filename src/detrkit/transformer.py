@@ -206,7 +206,8 @@ class TransformerDecoderLayer(_Layer):
             if padding is not None:
                 key_padding = padding.reshape(-1, size)
                 # A group with no query to attend to (an image without objects) attends to all of
-                # them instead: its outputs are unused, and an all-masked softmax would be NaN.
+                # them instead: its outputs are unused, and older PyTorch releases return NaN for an
+                # all-masked row, which would reach the gradients.
                 key_padding = key_padding & ~key_padding.all(1, keepdim=True)
             attended = self.self_attn(q, q, _split_groups(value[:, start:end], count), key_padding)[0]
             outs.append(_join_groups(attended, count))
