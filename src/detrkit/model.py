@@ -102,16 +102,17 @@ class Detr(nn.Module):
         src_proj = self.input_proj(src)
         aux = self.config.aux_loss
         queries, groups = self.query_embed.weight, 1
+        if self.config.masks and (extra_queries is not None or denoising is not None):
+            raise ValueError(
+                "training-only queries are for detection models: the mask head runs on one group"
+            )
         if extra_queries is not None:
-            if self.config.masks or extra_queries.shape[0] % queries.shape[0]:
+            if extra_queries.shape[0] % queries.shape[0]:
                 raise ValueError(
-                    f"extra_queries must be Tensor[k*{queries.shape[0]}, E] on a model without masks, "
-                    f"got {tuple(extra_queries.shape)}"
+                    f"extra_queries must be Tensor[k*{queries.shape[0]}, E], got {tuple(extra_queries.shape)}"
                 )
             groups = 1 + extra_queries.shape[0] // queries.shape[0]
             queries = torch.cat([queries, extra_queries])
-        if denoising is not None and self.config.masks:
-            raise ValueError("denoising queries are for detection models: the mask head runs on one group")
         hs, memory = self.transformer(
             src_proj, mask, queries, pos, return_intermediate=aux, query_groups=groups, denoising=denoising
         )

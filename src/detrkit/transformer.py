@@ -102,12 +102,12 @@ def _join_groups(x: Tensor, groups: int) -> Tensor:
 
 class QuerySegment(NamedTuple):
     """``count`` consecutive groups of ``size`` decoder queries; each group attends only to itself
-    in self-attention. ``padding``: Bool Tensor[B, count * size], True on queries no other query
-    of the group may attend to (empty slots), or None."""
+    in self-attention. ``key_padding``: Bool Tensor[B * count, size], per group (batch-major), True
+    on queries no other query of the group may attend to (empty slots), or None."""
 
     count: int
     size: int
-    padding: Tensor | None = None
+    key_padding: Tensor | None = None
 
 
 class DenoisingQueries(NamedTuple):
@@ -199,16 +199,9 @@ class TransformerDecoderLayer(_Layer):
         if segments is None:
             return self.self_attn(qk, qk, value)[0]
         outs, start = [], 0
-        for count, size, padding in segments:
+        for count, size, key_padding in segments:
             end = start + count * size
             q = _split_groups(qk[:, start:end], count)
-            key_padding = None
-            if padding is not None:
-                key_padding = padding.reshape(-1, size)
-                # A group with no query to attend to (an image without objects) attends to all of
-                # them instead: its outputs are unused, and older PyTorch releases return NaN for an
-                # all-masked row, which would reach the gradients.
-                key_padding = key_padding & ~key_padding.all(1, keepdim=True)
             attended = self.self_attn(q, q, _split_groups(value[:, start:end], count), key_padding)[0]
             outs.append(_join_groups(attended, count))
             start = end
@@ -324,7 +317,14 @@ class Transformer(nn.Module):
             segments = (QuerySegment(query_groups, query_pos.shape[1] // query_groups),)
         if denoising is not None:
             size = denoising.content.shape[1] // denoising.groups
-            segments += (QuerySegment(denoising.groups, size, denoising.padding),)
+            key_padding = None
+            if denoising.padding is not None:
+                key_padding = denoising.padding.reshape(-1, size)
+                # A group with no query to attend to (an image without objects) attends to all of
+                # them instead: its outputs are unused, and older PyTorch releases return NaN for an
+                # all-masked row, which would reach the gradients.
+                key_padding = key_padding & ~key_padding.all(1, keepdim=True)
+            segments += (QuerySegment(denoising.groups, size, key_padding),)
             tgt = torch.cat([tgt, denoising.content], 1)
             query_pos = torch.cat([query_pos, denoising.position], 1)
         hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, return_intermediate, segments)
