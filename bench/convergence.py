@@ -51,7 +51,8 @@ def main() -> None:
     overrides.update(output_dir=str(out / "run"), time_budget=args.minutes, eval_every=1)
     overrides["epochs"] = args.epochs if args.epochs is not None else 10_000
     config = build_config(args.preset, overrides=overrides)
-    Trainer(config, overwrite=args.overwrite).fit()
+    trainer = Trainer(config, overwrite=args.overwrite)
+    trainer.fit()
 
     records = [json.loads(line) for line in (out / "run" / METRICS).read_text().splitlines() if line.strip()]
     curve = [
@@ -65,7 +66,10 @@ def main() -> None:
         if "val" in r
     ]
     pretrain = [r["pretrain"]["seconds"] for r in records if "pretrain" in r]
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.machine()} {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"amp {trainer.amp}"
+    )
     write_json_atomic(
         out / "curve.json",
         {
@@ -102,6 +106,20 @@ def main() -> None:
     fig.tight_layout()
     atomic_write(out / "curve.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"wrote {out / 'curve.png'} and {out / 'curve.json'}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), with its bf16 instruction sets: runs compare only on one machine."""
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return f"({name or 'unknown CPU'}{', native bf16' if bf16 else ''})"
 
 
 if __name__ == "__main__":

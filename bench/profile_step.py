@@ -23,6 +23,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from detrkit.engine import amp_autocast
 from detrkit.train_config import build_config, parse_assignment
 from detrkit.trainer import Trainer
 
@@ -84,7 +85,8 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> None:
             sync()
             phase["data"] = time.perf_counter() - t
             t = time.perf_counter()
-            outputs = model(batch.images, batch.padding_mask)
+            with amp_autocast(device, trainer.amp):
+                outputs = model(batch.images, batch.padding_mask)
             sync()
             phase["forward"] = time.perf_counter() - t
             matcher_time[0] = 0.0

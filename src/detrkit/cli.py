@@ -98,7 +98,7 @@ _TRAIN_OPTIONS = {
         "linear/cosine: decay over this last share of the run, constant before (1.0)",
     ),
     "clip_max_norm": (float, "gradient clipping (0.1); 0 disables"),
-    "amp": (str, "mixed precision: none, bf16 or fp16 (CUDA)"),
+    "amp": (str, "mixed precision: none, bf16, fp16 (CUDA) or auto (bf16 on CPUs with native bf16)"),
     "ema_decay": (float, "keep an exponential moving average of the weights (e.g. 0.9997)"),
     "eval_every": (int, "evaluate every N epochs (0: at the end only)"),
     "num_workers": (int, "DataLoader worker processes"),

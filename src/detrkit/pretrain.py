@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .data.coco import DatasetError
 from .data.collate import Batch
 from .distributed import any_process, is_dist, is_main_process
+from .engine import amp_autocast
 from .model import Detr
 
 # Background cells outnumber object cells several times; weigh them down, like DETR's eos_coef.
@@ -76,12 +77,14 @@ def pretrain_backbone(
     steps: int,
     lr: float,
     device: torch.device,
+    amp: str = "none",
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Train ``model.backbone`` for ``steps`` optimizer steps on dense class targets.
 
     Args:
         batches: ``epoch -> batches`` with ``masks`` in the targets (loops over epochs as needed).
+        amp: mixed precision of the forward pass, as in training ("none", "bf16" or "fp16").
 
     Returns ``{"loss", "cell_accuracy", "seconds"}`` of the last 20 steps (accuracy over object cells).
     """
@@ -95,6 +98,7 @@ def pretrain_backbone(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     weights = torch.ones(num_classes + 1, device=device)
     weights[-1] = BACKGROUND_WEIGHT
     net.train()
@@ -107,15 +111,21 @@ def pretrain_backbone(
                 continue
             used += 1
             batch = batch.to(device)
-            logits, mask = net(batch.images, batch.padding_mask)
+            with amp_autocast(device, amp):
+                logits, mask = net(batch.images, batch.padding_mask)
             features = logits
             target = dense_targets(batch, num_classes, tuple(features.shape[-2:]), backbone.strides[-1])
             per_cell = -(target * logits.float().log_softmax(1) * weights[:, None, None]).sum(1)
             valid = torch.ones_like(per_cell, dtype=torch.bool) if mask is None else ~mask
             loss = per_cell[valid].mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             step += 1
             with torch.no_grad():
                 truth = target.argmax(1)

@@ -51,7 +51,9 @@ class TrainConfig:
     lr_schedule: str = "step"
     lr_decay_fraction: float = 1.0
     clip_max_norm: float = 0.1
-    amp: str = "none"  # "none", "bf16" or "fp16" (fp16 on CUDA only, with a grad scaler)
+    # "none", "bf16", "fp16" (CUDA only, with a grad scaler) or "auto": bf16 on a CPU with native
+    # bf16 instructions (AVX512-BF16/AMX), where it is faster, else none (engine.resolve_amp).
+    amp: str = "none"
     ema_decay: float | None = None  # e.g. 0.9997; evaluation then uses the averaged weights
     eval_every: int = 1  # epochs; 0 = only at the end
     num_workers: int = 2
@@ -111,8 +113,8 @@ class TrainConfig:
             raise bad("lr_decay_fraction", "must be in (0, 1] (1 = decay over the whole run)")
         if self.lr_schedule not in SCHEDULES:
             raise bad("lr_schedule", f"expected one of {', '.join(SCHEDULES)}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"amp={self.amp!r}: expected 'none', 'bf16' or 'fp16'")
+        if self.amp not in ("none", "bf16", "fp16", "auto"):
+            raise ConfigError(f"amp={self.amp!r}: expected 'none', 'bf16', 'fp16' or 'auto'")
         for name in ("epochs", "batch_size", "grad_accum", "max_bad_steps", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
@@ -202,6 +204,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_drop": 30,
         "eval_every": 2,
         "num_workers": 0,
+        # bf16 on CPUs with native bf16 instructions (a step at 0.75x the fp32 time), else fp32.
+        "amp": "auto",
     },
 }
 # cpu-tiny with a timm MobileNetV3-Large (from scratch, stride 8) in place of the ResNet-18: fewer

@@ -40,7 +40,7 @@ from .distributed import (
     rank,
     world_size,
 )
-from .engine import TrainState, evaluate, train_one_epoch
+from .engine import TrainState, evaluate, resolve_amp, train_one_epoch
 from .errors import ConfigError
 from .evaluation import CocoEvaluator, format_metrics
 from .fileio import atomic_write, check_output, write_json_atomic
@@ -140,7 +140,10 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_drop)
         self.scaler = None
-        if config.amp == "fp16":
+        self.amp = resolve_amp(config.amp, self.device)  # what "auto" means on this machine
+        if config.amp == "auto" and is_main_process():
+            self.log(f"amp='auto': {self.amp} on this {self.device.type}")
+        if self.amp == "fp16":
             if self.device.type != "cuda":
                 raise ConfigError("amp='fp16' needs a CUDA device; use amp='bf16' on CPU")
             self.scaler = torch.amp.GradScaler("cuda")
@@ -453,7 +456,7 @@ class Trainer:
             iou_types = ("bbox", "segm") if self.model.config.masks else ("bbox",)
             evaluator = CocoEvaluator(self.val_set.data, self.val_set.category_map, iou_types)
         metrics = evaluate(
-            self.evaluated_model(), val_loader, evaluator, self.device, amp=self.config.amp,
+            self.evaluated_model(), val_loader, evaluator, self.device, amp=self.amp,
             criterion=self.criterion, skips=SkipTracker(warn=self.log),
         )  # fmt: skip
         if metrics["images_unreadable"]:
@@ -532,6 +535,7 @@ class Trainer:
             steps=cfg.backbone_pretrain_steps,
             lr=cfg.backbone_pretrain_lr,
             device=self.device,
+            amp=self.amp,
             log=self.log,
         )
         self.state.backbone_pretrained = True
@@ -630,7 +634,7 @@ class Trainer:
 
             train_stats = train_one_epoch(
                 self.module, self.criterion, train_loader, self.optimizer, self.device, self.state,
-                clip_max_norm=cfg.clip_max_norm, grad_accum=cfg.grad_accum, amp=cfg.amp, scaler=self.scaler,
+                clip_max_norm=cfg.clip_max_norm, grad_accum=cfg.grad_accum, amp=self.amp, scaler=self.scaler,
                 ema=self.ema, max_steps=cfg.max_steps, max_bad_steps=cfg.max_bad_steps, skips=skips, progress=progress,
                 lr_factor=self._lr_factor(start, len(train_loader)),
             )  # fmt: skip

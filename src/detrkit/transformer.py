@@ -79,6 +79,14 @@ class MultiheadAttention(nn.Module):
             probs = scores.softmax(-1)
             weights = probs.mean(1)
             out = F.dropout(probs, dropout_p, self.training) @ v
+        elif q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # Under CPU bf16 autocast the projections run in bf16, but the CPU attention kernel's
+            # bf16 backward is ~3x slower than its fp32 one (bench/profile_step.py): attend in fp32
+            # (autocast would cast the inputs straight back to bf16).
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p
+                ).to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(batch, len_q, e)
