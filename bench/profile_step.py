@@ -4,11 +4,17 @@ Builds a preset's trainer on the synthetic data and times each phase of ``--step
 steps (after ``--warmup``), on the CPU or the configured device (CUDA is synchronised around each
 phase). Prints the median milliseconds per step of each phase and its share.
 
+With several ``--amp`` values (e.g. ``--amp none bf16``) every batch is trained once in each
+precision in turn, so the columns are measured side by side under the same machine load (the
+model keeps training through all of them; only the timings matter here).
+
     python bench/profile_step.py --preset cpu-tiny
+    python bench/profile_step.py --preset cpu-tiny --amp none bf16
     python bench/profile_step.py --preset detr-r50 --set batch_size=2 --set image_scale=1.0 --steps 5
 
 The matcher runs inside the criterion; it is timed by wrapping ``criterion.matcher``, and "loss"
-is the criterion's time without it.
+is the criterion's time without it. "data" is loading and batching one batch in the main process
+(the preset's ``num_workers``), counted once for every precision.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from detrkit.engine import amp_autocast
+from detrkit.engine import amp_autocast, resolve_amp
 from detrkit.train_config import build_config, parse_assignment
 from detrkit.trainer import Trainer
+
+PHASES = ("data", "forward", "matcher", "loss", "backward", "optimizer")
 
 
 def main() -> None:
@@ -35,6 +43,9 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--amp", nargs="+", default=None, help="precisions to compare (default: the config's amp, resolved)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
@@ -43,10 +54,13 @@ def main() -> None:
         overrides.update(dict(parse_assignment(a) for a in args.set))
         config = build_config(args.preset, overrides=overrides)
         trainer = Trainer(config, log=lambda msg: None)
-        profile(trainer, args.steps, args.warmup)
+        amps = [resolve_amp(a, trainer.device) for a in args.amp] if args.amp else [trainer.amp]
+        times = profile(trainer, amps, args.steps, args.warmup)
+    report(trainer, amps, times, args.steps)
 
 
-def profile(trainer: Trainer, steps: int, warmup: int) -> None:
+def profile(trainer: Trainer, amps: list[str], steps: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each phase of each step, per precision: ``{amp: {phase: [seconds, ...]}}``."""
     model, criterion, optimizer, device = trainer.module, trainer.criterion, trainer.optimizer, trainer.device
     config = trainer.config
 
@@ -54,7 +68,7 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times: dict[str, list[float]] = defaultdict(list)
+    times: dict[str, dict[str, list[float]]] = {amp: defaultdict(list) for amp in amps}
     matcher_time = [0.0]
     started = [0.0]
 
@@ -75,7 +89,6 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> None:
         loader = iter(trainer._train_loader(epoch))
         epoch += 1
         while done < steps + warmup:
-            phase: dict[str, float] = {}
             t = time.perf_counter()
             try:
                 batch = next(loader)
@@ -83,52 +96,64 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> None:
                 break
             batch = batch.to(device)
             sync()
-            phase["data"] = time.perf_counter() - t
-            t = time.perf_counter()
-            with amp_autocast(device, trainer.amp):
-                outputs = model(batch.images, batch.padding_mask)
-            sync()
-            phase["forward"] = time.perf_counter() - t
-            matcher_time[0] = 0.0
-            t = time.perf_counter()
-            norm = criterion.loss_norm([batch.targets], device=device)
-            loss_dict = criterion(outputs, batch.targets, norm)
-            loss = sum(
-                loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict
-            )
-            sync()
-            phase["matcher"] = matcher_time[0]
-            phase["loss"] = time.perf_counter() - t - matcher_time[0]
-            t = time.perf_counter()
-            loss.backward()
-            sync()
-            phase["backward"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if config.clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync()
-            phase["optimizer"] = time.perf_counter() - t
+            data = time.perf_counter() - t
+            for amp in amps:
+                phase = {"data": data}
+                t = time.perf_counter()
+                with amp_autocast(device, amp):
+                    outputs = model(batch.images, batch.padding_mask)
+                sync()
+                phase["forward"] = time.perf_counter() - t
+                matcher_time[0] = 0.0
+                t = time.perf_counter()
+                norm = criterion.loss_norm([batch.targets], device=device)
+                loss_dict = criterion(outputs, batch.targets, norm)  # outside autocast, as in training
+                loss = sum(
+                    loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict
+                )
+                sync()
+                phase["matcher"] = matcher_time[0]
+                phase["loss"] = time.perf_counter() - t - matcher_time[0]
+                t = time.perf_counter()
+                loss.backward()
+                sync()
+                phase["backward"] = time.perf_counter() - t
+                t = time.perf_counter()
+                if config.clip_max_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync()
+                phase["optimizer"] = time.perf_counter() - t
+                if done >= warmup:
+                    for key, value in phase.items():
+                        times[amp][key].append(value)
             done += 1
-            if done > warmup:
-                for key, value in phase.items():
-                    times[key].append(value)
+    return times
 
-    medians = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    total = sum(medians.values())
-    images = config.batch_size
+
+def report(trainer: Trainer, amps: list[str], times: dict[str, dict[str, list[float]]], steps: int) -> None:
+    config = trainer.config
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, device {device}"
+        f"torch {torch.__version__}, device {trainer.device}"
     )
     print(
-        f"{config.model.get('backbone', 'resnet50')}, batch {images}, image_scale {config.image_scale}, {steps} steps"
+        f"{config.model.get('backbone', 'resnet50')}, batch {config.batch_size}, "
+        f"image_scale {config.image_scale}, {steps} steps"
     )
-    print(f"{'phase':>10} {'ms/step':>9} {'share':>7}")
-    for key, value in medians.items():
-        print(f"{key:>10} {value:9.1f} {100 * value / total:6.1f}%")
-    print(f"{'total':>10} {total:9.1f}   ({1000 * images / total:.1f} images/s)")
+    medians = {amp: {k: 1000 * statistics.median(times[amp][k]) for k in PHASES} for amp in amps}
+    totals = {amp: sum(medians[amp].values()) for amp in amps}
+    print(f"{'phase':>10}" + "".join(f" {'ms (' + amp + ')':>12} {'share':>6}" for amp in amps))
+    for key in PHASES:
+        cells = "".join(
+            f" {medians[amp][key]:12.1f} {100 * medians[amp][key] / totals[amp]:5.1f}%" for amp in amps
+        )
+        print(f"{key:>10}{cells}")
+    print(f"{'total':>10}" + "".join(f" {totals[amp]:12.1f} {'':>6}" for amp in amps))
+    print(f"{'images/s':>10}" + "".join(f" {1000 * config.batch_size / totals[amp]:12.1f} {'':>6}" for amp in amps))
+    for amp in amps[1:]:
+        print(f"step time {amp}/{amps[0]}: {totals[amp] / totals[amps[0]]:.2f}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_drop)
         self.scaler = None
         self.amp = resolve_amp(config.amp, self.device)  # what "auto" means on this machine
-        if config.amp == "auto" and is_main_process():
+        if config.amp == "auto":
             self.log(f"amp='auto': {self.amp} on this {self.device.type}")
         if self.amp == "fp16":
             if self.device.type != "cuda":
