@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
-import torch
+from _machine import describe
 
 from detrkit.fileio import atomic_write, write_json_atomic
 from detrkit.train_config import build_config, parse_assignment
@@ -66,10 +65,7 @@ def main() -> None:
         if "val" in r
     ]
     pretrain = [r["pretrain"]["seconds"] for r in records if "pretrain" in r]
-    machine = (
-        f"{platform.machine()} {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"amp {trainer.amp}"
-    )
+    machine = f"{describe()}, amp {trainer.amp}"
     write_json_atomic(
         out / "curve.json",
         {
@@ -106,20 +102,6 @@ def main() -> None:
     fig.tight_layout()
     atomic_write(out / "curve.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     print(f"wrote {out / 'curve.png'} and {out / 'curve.json'}")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), with its bf16 instruction sets: runs compare only on one machine."""
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return f"({name or 'unknown CPU'}{', native bf16' if bf16 else ''})"
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ both forwards side by side (interleaved, after warm-up) and prints medians and t
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
+from _machine import describe
 
 import detrkit
 
@@ -78,9 +78,7 @@ def main() -> None:
             t_hf.append(timed(run_hf))
 
     m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, device {args.device}"
-    )
+    print(f"machine: {describe(args.threads)}, device {args.device}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
     )

@@ -20,13 +20,13 @@ is the criterion's time without it. "data" is loading and batching one batch in 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 from collections import defaultdict
 
 import torch
+from _machine import describe
 from torch import nn
 
 from detrkit.engine import amp_autocast, resolve_amp
@@ -134,10 +134,7 @@ def profile(trainer: Trainer, amps: list[str], steps: int, warmup: int) -> dict[
 
 def report(trainer: Trainer, amps: list[str], times: dict[str, dict[str, list[float]]], steps: int) -> None:
     config = trainer.config
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, device {trainer.device}"
-    )
+    print(f"machine: {describe()}, device {trainer.device}")
     print(
         f"{config.model.get('backbone', 'resnet50')}, batch {config.batch_size}, "
         f"image_scale {config.image_scale}, {steps} steps"
@@ -151,7 +148,10 @@ def report(trainer: Trainer, amps: list[str], times: dict[str, dict[str, list[fl
         )
         print(f"{key:>10}{cells}")
     print(f"{'total':>10}" + "".join(f" {totals[amp]:12.1f} {'':>6}" for amp in amps))
-    print(f"{'images/s':>10}" + "".join(f" {1000 * config.batch_size / totals[amp]:12.1f} {'':>6}" for amp in amps))
+    print(
+        f"{'images/s':>10}"
+        + "".join(f" {1000 * config.batch_size / totals[amp]:12.1f} {'':>6}" for amp in amps)
+    )
     for amp in amps[1:]:
         print(f"step time {amp}/{amps[0]}: {totals[amp] / totals[amps[0]]:.2f}")
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
+from _machine import describe
 from torch import nn
 
 import detrkit
@@ -118,7 +118,9 @@ def main() -> None:
     def hf_step(model, optimizer):
         def step() -> float:
             with amp_autocast(device, args.amp):
-                out = model(pixel_values=images, pixel_mask=(~padding_mask).long(), labels=copy.copy(hf_labels))
+                out = model(
+                    pixel_values=images, pixel_mask=(~padding_mask).long(), labels=copy.copy(hf_labels)
+                )
             loss = out.loss
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -147,9 +149,7 @@ def main() -> None:
         t_hf_orig.append(timed(step_hf_orig))
 
     m_ours, m_hf, m_hf_orig = statistics.median(t_ours), statistics.median(t_hf), statistics.median(t_hf_orig)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, device {args.device}"
-    )
+    print(f"machine: {describe(args.threads)}, device {args.device}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
     )
@@ -164,7 +164,9 @@ def main() -> None:
     print(
         f"  + original dropout {m_hf_orig * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf_orig)})"
     )
-    print(f"time ratio detrkit/transformers: {m_ours / m_hf:.2f} (its defaults), {m_ours / m_hf_orig:.2f} (same dropout)")
+    print(
+        f"time ratio detrkit/transformers: {m_ours / m_hf:.2f} (its defaults), {m_ours / m_hf_orig:.2f} (same dropout)"
+    )
 
 
 if __name__ == "__main__":
