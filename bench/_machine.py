@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from detrkit.engine import cpu_has_native_bf16
+
 
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), and whether it has native bf16 arithmetic."""
@@ -18,7 +20,7 @@ def cpu_model() -> str:
                 break
     except OSError:
         pass
-    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    bf16 = cpu_has_native_bf16()
     return f"{name or 'unknown CPU'}{', native bf16' if bf16 else ''}"
 
 

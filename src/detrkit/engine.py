@@ -46,9 +46,16 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     bf16 is emulated and several times slower, and on CUDA it was not measured for these sizes."""
     if amp != "auto":
         return amp
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "none"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX); False where torch cannot tell."""
+    # Private probes of torch.cpu (present in recent releases): without them, assume no.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def amp_autocast(device: torch.device, amp: str):
