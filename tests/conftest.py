@@ -21,6 +21,18 @@ TINY_MODEL = dict(
 )
 
 
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The training tests' synthetic data: 8 small training and 4 validation images, one set per
+    test module (a module may override it, as test_cuda.py does with more images)."""
+    from detrkit.data import SynthConfig, write_synthetic
+
+    root = tmp_path_factory.mktemp("tinydata")
+    return write_synthetic(
+        root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
+    )
+
+
 def tiny(tmp_path, data_root, **kw):
     """A TrainConfig of TINY_MODEL on ``data_root``, writing to ``tmp_path / "run"``."""
     base = dict(

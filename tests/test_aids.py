@@ -15,7 +15,6 @@ from detrkit.aids import TrainingAids
 from detrkit.checkpoints import save_model, torch_load_safe
 from detrkit.convert import detrkit_to_original
 from detrkit.criterion import build_criterion
-from detrkit.data import SynthConfig, write_synthetic
 from detrkit.errors import ConfigError
 from detrkit.matcher import HungarianMatcher
 from detrkit.train_config import TrainConfig, build_config
@@ -231,14 +230,6 @@ def test_denoising_losses_score_each_copy_against_its_own_object():
         ("loss_giou_0", "loss_giou_dn_0"),
     ):
         assert criterion.weight_dict[denoising] == criterion.weight_dict[matched]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aidsdata")
-    return write_synthetic(
-        root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
-    )
 
 
 def test_a_model_trained_with_the_aids_is_a_plain_detr_in_every_format(tmp_path, data_root):

@@ -6,17 +6,10 @@ import torch.nn.functional as F
 
 from conftest import padded_batch, tiny, tiny_config
 from detrkit import build_model
-from detrkit.data import SynthConfig, write_synthetic
 from detrkit.engine import amp_autocast, resolve_amp
 from detrkit.train_config import build_config
 from detrkit.trainer import Trainer
 from detrkit.transformer import MultiheadAttention
-
-
-def _data(tmp_path):
-    return write_synthetic(
-        tmp_path / "data", SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
-    )
 
 
 @pytest.mark.parametrize(
@@ -61,10 +54,9 @@ def test_cpu_bf16_autocast_attends_in_fp32():
     assert torch.equal(seen["core"], expected)
 
 
-def test_training_and_pretraining_run_under_the_resolved_autocast(tmp_path, monkeypatch):
-    root = _data(tmp_path)
+def test_training_and_pretraining_run_under_the_resolved_autocast(tmp_path, data_root, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    cfg = tiny(tmp_path, root, epochs=1, amp="auto", backbone_pretrain_steps=2, eval_every=0)
+    cfg = tiny(tmp_path, data_root, epochs=1, amp="auto", backbone_pretrain_steps=2, eval_every=0)
     trainer = Trainer(cfg, log=lambda m: None)
     assert trainer.amp == "bf16"
     dtypes = []

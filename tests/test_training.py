@@ -15,19 +15,10 @@ import detrkit
 import detrkit.cli
 from conftest import TINY_MODEL, require, tiny
 from detrkit.checkpoints import torch_load_safe
-from detrkit.data import SynthConfig, write_synthetic
 from detrkit.engine import TrainingError
 from detrkit.errors import ConfigError
 from detrkit.train_config import TrainConfig, build_config
 from detrkit.trainer import BEST, LAST, METRICS, Trainer
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinydata")
-    return write_synthetic(
-        root, SynthConfig(images=8, seed=1, min_size=64, max_size=96), {"train": 8, "val": 4}
-    )
 
 
 def test_a_run_writes_everything(tmp_path, data_root):
