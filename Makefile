@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow lint demo clean
+.PHONY: setup test test-slow lint docs wheel-check demo clean
 
 DEMO_MINUTES ?= 10
 
@@ -22,6 +22,13 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+# Build the wheel, install it in a new environment outside the source tree, run the CLI from there.
+wheel-check: setup
+	VENV=$(VENV) bash scripts/check_wheel.sh
+
 demo: setup
 	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --time-budget $(DEMO_MINUTES) --overwrite
 	$(PY) -m detrkit plot runs/demo
@@ -29,4 +36,4 @@ demo: setup
 		--out runs/demo/predictions --threshold 0.5
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache

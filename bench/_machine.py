@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from detrkit.engine import cpu_has_native_bf16
+from detrkit.amp import cpu_has_native_bf16
 
 
 def cpu_model() -> str:

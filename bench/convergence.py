@@ -21,8 +21,9 @@ from pathlib import Path
 from _machine import describe
 
 from detrkit.fileio import atomic_write, write_json_atomic
-from detrkit.train_config import build_config, parse_assignment
-from detrkit.trainer import METRICS, Trainer
+from detrkit.training.config import build_config, parse_assignment
+from detrkit.training.run_dir import METRICS
+from detrkit.training.trainer import Trainer
 
 
 def main() -> None:

@@ -29,9 +29,10 @@ import torch
 from _machine import describe
 from torch import nn
 
-from detrkit.engine import amp_autocast, resolve_amp
-from detrkit.train_config import build_config, parse_assignment
-from detrkit.trainer import Trainer
+from detrkit.amp import amp_autocast, resolve_amp
+from detrkit.training.build import train_loader
+from detrkit.training.config import build_config, parse_assignment
+from detrkit.training.trainer import Trainer
 
 PHASES = ("data", "forward", "matcher", "loss", "backward", "optimizer")
 
@@ -86,7 +87,7 @@ def profile(trainer: Trainer, amps: list[str], steps: int, warmup: int) -> dict[
     criterion.train()
     done, epoch = 0, 0
     while done < steps + warmup:
-        loader = iter(trainer._train_loader(epoch))
+        loader = iter(train_loader(trainer.config, trainer.train_set, epoch))
         epoch += 1
         while done < steps + warmup:
             t = time.perf_counter()

@@ -34,8 +34,8 @@ from _machine import describe
 from torch import nn
 
 import detrkit
-from detrkit.criterion import build_criterion
-from detrkit.engine import amp_autocast
+from detrkit.amp import amp_autocast
+from detrkit.models.criterion import build_criterion
 
 
 def _optimizer(model: nn.Module, backbone_prefix: str) -> torch.optim.AdamW:

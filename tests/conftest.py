@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import detrkit
-from detrkit.export import example_inputs
-from detrkit.train_config import TrainConfig
+from detrkit.inference.export import example_inputs
+from detrkit.training.config import TrainConfig
 
 torch.set_num_threads(2)
 

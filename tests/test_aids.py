@@ -1,4 +1,4 @@
-"""Training-only convergence aids (detrkit.aids): Group DETR's grouped decoding, matching and losses
+"""Training-only convergence aids (detrkit.training.aids): Group DETR's grouped decoding, matching and losses
 equal running each group on its own; denoising queries are noised as DN-DETR's, decoded apart from
 the object queries and each other, and each is scored against its own object; a model trained with
 the aids is a plain DETR in every format (no aid parameter in the saved weights; transformers loads
@@ -11,15 +11,16 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 import detrkit
 from conftest import padded_batch, require
-from detrkit.aids import TrainingAids
-from detrkit.checkpoints import save_model, torch_load_safe
-from detrkit.convert import detrkit_to_original
-from detrkit.criterion import build_criterion
+from detrkit.checkpoints.io import save_model, torch_load_safe
+from detrkit.checkpoints.layouts import detrkit_to_original
 from detrkit.errors import ConfigError
-from detrkit.matcher import HungarianMatcher
-from detrkit.train_config import TrainConfig, build_config
-from detrkit.trainer import BEST, LAST, Trainer
-from detrkit.transformer import DenoisingQueries
+from detrkit.models.criterion import build_criterion
+from detrkit.models.matcher import HungarianMatcher
+from detrkit.models.transformer import DenoisingQueries
+from detrkit.training.aids import TrainingAids
+from detrkit.training.config import TrainConfig, build_config
+from detrkit.training.run_dir import BEST, LAST
+from detrkit.training.trainer import Trainer
 
 Q = 5
 SMALL = dict(

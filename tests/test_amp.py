@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from conftest import padded_batch, tiny, tiny_config
 from detrkit import build_model
-from detrkit.engine import amp_autocast, resolve_amp
-from detrkit.train_config import build_config
-from detrkit.trainer import Trainer
-from detrkit.transformer import MultiheadAttention
+from detrkit.amp import amp_autocast, resolve_amp
+from detrkit.models.transformer import MultiheadAttention
+from detrkit.training.config import build_config
+from detrkit.training.trainer import Trainer
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,9 @@ import torch
 import detrkit
 import detrkit.cli
 from conftest import padded_batch, randomize_buffers, tiny_config
-from detrkit import CheckpointError, hub, load_model, save_model
-from detrkit.convert import detrkit_to_original
+from detrkit import CheckpointError, load_model, save_model
+from detrkit.checkpoints import hub
+from detrkit.checkpoints.layouts import detrkit_to_original
 
 
 def outputs_of(model):

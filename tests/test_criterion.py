@@ -5,7 +5,7 @@ import torch
 
 import detrkit
 from conftest import require, tiny_config
-from detrkit.criterion import SetCriterion, build_criterion
+from detrkit.models.criterion import SetCriterion, build_criterion
 
 
 def random_outputs(batch=3, queries=7, classes=4, layers=3, mask_size=None, seed=0):

@@ -13,10 +13,11 @@ from PIL import Image
 
 import detrkit
 from conftest import padded_batch, randomize_buffers, tiny, tiny_config
-from detrkit.criterion import build_criterion
 from detrkit.data import SynthConfig, write_synthetic
-from detrkit.postprocess import PostProcess, PostProcessSegm
-from detrkit.trainer import BEST, Trainer
+from detrkit.models.criterion import build_criterion
+from detrkit.models.postprocess import PostProcess, PostProcessSegm
+from detrkit.training.run_dir import BEST
+from detrkit.training.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from detrkit.checkpoints import torch_load_safe
+from detrkit.checkpoints.io import torch_load_safe
 from detrkit.data import SynthConfig, write_synthetic
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detrkit.data import CategoryMap, SynthConfig, make_synthetic
-from detrkit.evaluation import STAT_NAMES, CocoEvaluator, detections_to_coco, format_metrics
+from detrkit.evaluation.coco import STAT_NAMES, CocoEvaluator, detections_to_coco, format_metrics
 
 
 @pytest.fixture(scope="module")

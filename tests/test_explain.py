@@ -9,7 +9,7 @@ import detrkit
 from conftest import tiny_config
 from detrkit.cli import main
 from detrkit.data import SynthConfig, make_synthetic
-from detrkit.explain import attention_maps
+from detrkit.inference.explain import attention_maps
 
 
 def test_attention_maps(tmp_path):

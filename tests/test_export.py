@@ -8,7 +8,13 @@ import torch
 import detrkit
 from conftest import randomize_buffers, tiny_config
 from detrkit.cli import main
-from detrkit.export import ExportWrapper, example_inputs, export_onnx, export_torchscript, onnx_max_diff
+from detrkit.inference.export import (
+    ExportWrapper,
+    example_inputs,
+    export_onnx,
+    export_torchscript,
+    onnx_max_diff,
+)
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def test_detector_sees_a_pil_image_as_it_sees_the_file(folder, name):
 
     import detrkit
     from conftest import shapes_config
-    from detrkit.detector import Detector
+    from detrkit.inference.detector import Detector
 
     torch.manual_seed(0)
     detector = Detector(detrkit.build_model(shapes_config()).eval())

@@ -6,7 +6,7 @@ from torch import nn
 import detrkit
 from conftest import padded_batch, tiny_config
 from detrkit import DetrConfig, PostProcess, build_model
-from detrkit.transformer import Transformer
+from detrkit.models.transformer import Transformer
 
 
 def test_forward_contract(tiny_model):

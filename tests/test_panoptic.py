@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from detrkit.data.coco import rgb_to_id
-from detrkit.panoptic import PostProcessPanoptic, id_to_rgb, png_bytes, semantic_segmentation
-from detrkit.pq import image_pq_stats, summarize_pq
+from detrkit.data.panoptic import rgb_to_id
+from detrkit.evaluation.pq import image_pq_stats, summarize_pq
+from detrkit.models.panoptic import PostProcessPanoptic, id_to_rgb, png_bytes, semantic_segmentation
 
 
 def original_panoptic(logits, masks, size, orig, is_thing, threshold=0.85):
@@ -311,7 +311,7 @@ def test_pq_perfect_and_empty():
 def test_an_image_whose_png_cannot_be_read_counts_its_segments_as_missed():
     """Validation must not crash (nor leave other processes waiting) on a missing ground-truth PNG."""
     from detrkit.data.images import ImageLoadError
-    from detrkit.pq import PanopticEvaluator
+    from detrkit.evaluation.pq import PanopticEvaluator
 
     segments = [
         {"id": 1, "category_id": 1, "iscrowd": 0},

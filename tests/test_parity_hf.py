@@ -11,7 +11,7 @@ from torch import nn
 import detrkit
 import detrkit.cli
 from conftest import padded_batch, randomize_buffers, require
-from detrkit.checkpoints import save_model
+from detrkit.checkpoints.io import save_model
 
 TOL = 1e-4
 SMALL = dict(

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from detrkit import PostProcess
-from detrkit.postprocess import PostProcessSegm
+from detrkit.models.postprocess import PostProcessSegm
 
 # Two images padded into one batch: the first is landscape (padded at the bottom), the second portrait
 # (padded on the right). Both were resized by 0.32 from their original size.

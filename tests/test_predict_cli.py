@@ -13,7 +13,7 @@ import detrkit
 from conftest import shapes_config, tiny_config
 from detrkit.cli import main
 from detrkit.data import SynthConfig, make_synthetic
-from detrkit.data.coco import rgb_to_id
+from detrkit.data.panoptic import rgb_to_id
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from detrkit.errors import ConfigError
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
-from detrkit.serve import ServeConfig, create_app  # noqa: E402
+from detrkit.inference.serve import ServeConfig, create_app  # noqa: E402
 
 WAIT_S = 30  # upper bound for anything a test waits for; normal runs take well under a second
 ANSWER_S = 10  # for answers that need no model (refusals): milliseconds normally

@@ -14,11 +14,12 @@ import torch
 import detrkit
 import detrkit.cli
 from conftest import TINY_MODEL, require, tiny
-from detrkit.checkpoints import torch_load_safe
-from detrkit.engine import TrainingError
+from detrkit.checkpoints.io import torch_load_safe
 from detrkit.errors import ConfigError
-from detrkit.train_config import TrainConfig, build_config
-from detrkit.trainer import BEST, LAST, METRICS, Trainer
+from detrkit.training.config import TrainConfig, build_config
+from detrkit.training.loop import TrainingError
+from detrkit.training.run_dir import BEST, LAST, METRICS
+from detrkit.training.trainer import Trainer
 
 
 def test_a_run_writes_everything(tmp_path, data_root):
@@ -114,7 +115,7 @@ def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, data_root, m
     Trainer(tiny(tmp_path, data_root, epochs=1)).fit()
     before = (tmp_path / "run" / LAST).read_bytes()
 
-    import detrkit.trainer as trainer_module
+    import detrkit.training.trainer as trainer_module
 
     real = trainer_module.build_criterion
 
@@ -262,7 +263,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, data_root
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        trainer._save(LAST)
+        trainer.save(LAST)
     assert path.read_bytes() == before
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
     monkeypatch.undo()
@@ -406,11 +407,11 @@ def test_under_a_time_budget_the_schedule_follows_the_clock(tmp_path, data_root)
     config = tiny(tmp_path, data_root, epochs=1000, time_budget=1.0, lr_schedule="linear")
     trainer = Trainer(config, log=lambda m: None)
     trainer.state.train_seconds = 15.0
-    factor = trainer._lr_factor(time.time() - 15.0, batches=2)
+    factor = trainer.lr_factor(time.time() - 15.0, batches=2)
     assert factor() == pytest.approx(0.5, abs=0.01)  # 30 of 60 seconds trained
     trainer.state.step = 1800  # of 2000 by the epochs: now the steps are further along than the clock
     assert factor() == pytest.approx(0.1, abs=1e-6)
-    assert Trainer(tiny(tmp_path / "b", data_root), log=lambda m: None)._lr_factor(0.0, 2) is None  # "step"
+    assert Trainer(tiny(tmp_path / "b", data_root), log=lambda m: None).lr_factor(0.0, 2) is None  # "step"
     with pytest.raises(ConfigError, match="lr_schedule='warm': expected one of step, linear, cosine"):
         tiny(tmp_path, data_root, lr_schedule="warm")
 
@@ -447,7 +448,7 @@ def test_backbone_pretraining_needs_masks(tmp_path, data_root):
 
 def test_dense_pretraining_targets_follow_the_feature_grid():
     from detrkit.data.collate import Batch
-    from detrkit.pretrain import dense_targets
+    from detrkit.training.pretrain import dense_targets
 
     masks = torch.zeros(2, 20, 20, dtype=torch.bool)
     masks[0, 16:20, 0:8] = True  # class 1: the top half of cell (2, 0), whose bottom half is outside
@@ -496,7 +497,7 @@ def _union_vs_accumulated(tmp_path, micro_sizes):
     """Parameter change of one SGD step (lr 1: the gradient) on 4 images as one batch, and as
     micro-batches of ``micro_sizes`` accumulated into one step."""
     from detrkit.data.collate import collate
-    from detrkit.engine import TrainState, train_one_epoch
+    from detrkit.training.loop import TrainState, train_one_epoch
 
     torch.manual_seed(0)
     config = detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 4})

@@ -5,15 +5,14 @@
 >>> criterion = detrkit.build_criterion(model.config)
 """
 
-__version__ = "0.1.0"
-
-from .checkpoints import CheckpointError, config_of, convert_checkpoint, load_model, save_model
-from .config import DetrConfig
-from .criterion import SetCriterion, build_criterion
-from .detector import Detections, Detector
-from .matcher import HungarianMatcher
-from .model import Detr, build_model
-from .postprocess import PostProcess
+from ._version import __version__
+from .checkpoints.io import CheckpointError, config_of, convert_checkpoint, load_model, save_model
+from .inference.detector import Detections, Detector
+from .models.config import DetrConfig
+from .models.criterion import SetCriterion, build_criterion
+from .models.detr import Detr, build_model
+from .models.matcher import HungarianMatcher
+from .models.postprocess import PostProcess
 
 __all__ = [
     "__version__",

@@ -1,3 +1,5 @@
-from .cli import main
+"""``python -m detrkit``: the command line."""
+
+from .cli.app import main
 
 raise SystemExit(main())

@@ -1,8 +1,9 @@
 """Datasets (COCO detection/panoptic, synthetic), transforms, batching and validation."""
 
-from .coco import CategoryMap, CocoDetection, CocoPanoptic, DatasetError, SkippedSample, rgb_to_id
+from .coco import CategoryMap, CocoDetection, DatasetError, SkippedSample
 from .collate import AspectRatioBatchSampler, Batch, SkipTracker, collate, pad_images
 from .images import ImageLoadError, load_image
+from .panoptic import CocoPanoptic, rgb_to_id
 from .synthetic import SynthConfig, make_synthetic, write_synthetic
 from .transforms import TransformConfig, eval_transforms, train_transforms
 

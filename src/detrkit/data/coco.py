@@ -1,4 +1,4 @@
-"""COCO-format datasets: detection (+ instance masks) and panoptic.
+"""COCO-format datasets: detection (+ instance masks); the panoptic one is in :mod:`detrkit.data.panoptic`.
 
 Each sample is ``(image, target)``: ``image`` a normalised Tensor[3, H, W]; ``target`` a dict with
 ``labels`` Int64Tensor[N] (contiguous training labels, see :class:`CategoryMap`), ``boxes``
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.ops import box_convert, masks_to_boxes
+from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as TF
 
 from .images import ImageLoadError, load_image, to_rgb
@@ -121,7 +121,7 @@ def _finish_target(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.T
     return image.as_subclass(torch.Tensor), target
 
 
-class _CocoBase(Dataset):
+class CocoBase(Dataset):
     def __init__(
         self,
         image_dir: str | os.PathLike | None,
@@ -216,7 +216,7 @@ class _CocoBase(Dataset):
         return _finish_target(img, target)
 
 
-class CocoDetection(_CocoBase):
+class CocoDetection(CocoBase):
     """A COCO instances file (or an in-memory dict) with its images.
 
     Args:
@@ -371,107 +371,4 @@ class CocoDetection(_CocoBase):
         except ImageLoadError as e:
             return self._skip_or_raise(e, image_id)
         target = self.raw_target(image_id, *image.size)
-        return self._apply(image, target)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colours -> segment ids: ``R + 256 G + 256^2 B``."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-class CocoPanoptic(_CocoBase):
-    """COCO panoptic: a JSON with ``segments_info`` per image and one PNG of segment ids each.
-
-    Targets hold one mask per segment (things and stuff), its label (contiguous over all panoptic
-    categories), its box (from the mask), and ``iscrowd``; ``category_map.names``/``isthing``
-    describe the categories.
-    """
-
-    def __init__(
-        self,
-        image_dir: str | os.PathLike | None,
-        annotations: str | os.PathLike | Mapping[str, Any],
-        png_dir: str | os.PathLike | None,
-        transforms: Callable | None = None,
-        *,
-        category_map: CategoryMap | None = None,
-        on_error: str = "skip",
-        images: Mapping[str, Image.Image] | None = None,
-        pngs: Mapping[str, Image.Image] | None = None,
-    ) -> None:
-        super().__init__(image_dir, transforms, on_error, images)
-        self._read_annotations(annotations, category_map)
-        data = self.data
-        self.png_dir = Path(png_dir) if png_dir is not None else None
-        self.pngs = pngs
-        self.isthing = {int(c["id"]): bool(c.get("isthing", 1)) for c in data["categories"]}
-        self.annotations = {int(a["image_id"]): a for a in data["annotations"]}
-        self._check_category_ids(
-            {s.get("category_id") for a in data["annotations"] for s in a.get("segments_info", [])}
-        )
-        self.ids = [i for i in sorted(self.images) if i in self.annotations]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def stuff_ids(self) -> tuple[int, ...]:
-        """Category ids of the stuff classes."""
-        return tuple(i for i in self.category_map.category_ids if not self.isthing.get(i, True))
-
-    def ground_truth(self, image_id: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """(segment-id map int64[H, W], segments_info) of ``image_id`` at its original size (for PQ)."""
-        segments = self.annotations[image_id]["segments_info"]
-        try:
-            return self.segment_ids(image_id), segments
-        except ImageLoadError as e:
-            e.segments_info = segments  # what PanopticEvaluator.add_unreadable needs to count the misses
-            raise
-
-    def segment_ids(self, image_id: int) -> np.ndarray:
-        """The PNG of ``image_id`` as int64[H, W] segment ids."""
-        name = self.annotations[image_id]["file_name"]
-        if self.pngs is not None:
-            return rgb_to_id(np.asarray(self.pngs[name].convert("RGB")))
-        return rgb_to_id(np.asarray(load_image(self.png_dir / name)))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | SkippedSample:
-        image_id = self.ids[index]
-        try:
-            image = self._load(self.images[image_id], self.source)
-            ids = self.segment_ids(image_id)
-        except ImageLoadError as e:
-            return self._skip_or_raise(e, image_id)
-        width, height = image.size
-        if ids.shape != (height, width):
-            return self._skip_or_raise(
-                ImageLoadError(
-                    self.annotations[image_id]["file_name"],
-                    f"panoptic PNG is {ids.shape[1]}x{ids.shape[0]}, image is {width}x{height}",
-                ),
-                image_id,
-            )
-        label_of = self.label_of
-        segments = self.annotations[image_id]["segments_info"]
-        masks = torch.from_numpy(
-            np.stack([ids == s["id"] for s in segments]) if segments else np.zeros((0, height, width), bool)
-        )
-        keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
-        masks = masks[keep]
-        segments = [s for s, k in zip(segments, keep.tolist()) if k]
-        target: dict[str, Any] = {
-            "boxes": tv_tensors.BoundingBoxes(
-                masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])
-                if len(masks)
-                else torch.zeros(0, 4),
-                format="XYXY",
-                canvas_size=(height, width),
-            ),
-            "labels": torch.tensor([label_of[s["category_id"]] for s in segments], dtype=torch.int64),
-            "iscrowd": torch.tensor([int(s.get("iscrowd", 0)) for s in segments], dtype=torch.int64),
-            "masks": tv_tensors.Mask(masks),
-            "image_id": image_id,
-            "orig_size": torch.tensor([height, width]),
-        }
         return self._apply(image, target)

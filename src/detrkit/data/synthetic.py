@@ -16,6 +16,7 @@ The files written are laid out like COCO 2017, so every loader treats them as CO
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,31 @@ def write_synthetic(
         write_json_atomic(out / "annotations" / f"instances_{split}2017.json", data["instances"])
         write_json_atomic(out / "annotations" / f"panoptic_{split}2017.json", data["panoptic"])
     return out
+
+
+def shape_set_for(class_names: Iterable[str] = (), category_ids: Iterable[int] = ()) -> str:
+    """The class set (a key of ``SHAPE_SETS``) a model with these classes was trained on: the one
+    sharing the most class names and category ids with it; "basic" when none tells."""
+    names, ids = set(class_names), set(category_ids)
+
+    def overlap(key: str) -> tuple[int, bool]:
+        shapes = SHAPE_SETS[key]
+        return len(names & set(shapes.values())) + len(ids & set(shapes)), key == "basic"
+
+    return max(SHAPE_SETS, key=overlap)
+
+
+def synthetic_root(parent: str | os.PathLike, shapes: str = "basic") -> Path:
+    """Where a run or an evaluation under ``parent`` keeps the synthetic dataset of class set ``shapes``."""
+    return Path(parent) / ("synthetic-data" if shapes == "basic" else f"synthetic-{shapes}")
+
+
+def ensure_synthetic(root: str | os.PathLike, config: SynthConfig, splits: dict[str, int]) -> bool:
+    """Write the synthetic dataset to ``root`` unless its last split's annotations are there already
+    (written last, so their presence means a complete dataset); True when it was written now."""
+    root = Path(root)
+    last = list(splits)[-1]
+    if (root / "annotations" / f"instances_{last}2017.json").exists():
+        return False
+    write_synthetic(root, config, splits)
+    return True

@@ -1,0 +1,5 @@
+"""The ``detrkit`` command line (``python -m detrkit`` and the console script)."""
+
+from .app import main
+
+__all__ = ["main"]

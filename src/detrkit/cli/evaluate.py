@@ -1,0 +1,101 @@
+"""``detrkit eval``: COCO AP (or PQ) of any checkpoint on a COCO-format dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .args import non_negative_int, positive_float, positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="COCO AP of a checkpoint on a COCO-format dataset")
+    p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
+    p.add_argument("--data", required=True, help='dataset root, an instances JSON, or "synthetic"')
+    p.add_argument("--split", default="val2017")
+    p.add_argument(
+        "--panoptic", action="store_true", help="PQ on COCO panoptic annotations (panoptic models)"
+    )
+    p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument(
+        "--image-scale", type=positive_float, default=None, help="default: what the model was trained with"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=non_negative_int, default=2)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from ..checkpoints.io import load_model
+    from ..data.coco import CocoDetection, DatasetError
+    from ..data.collate import SkipTracker, collate
+    from ..data.layout import resolve_panoptic, resolve_split
+    from ..data.panoptic import CocoPanoptic
+    from ..data.transforms import TransformConfig, eval_transforms
+    from ..distributed import pick_device
+    from ..evaluation.coco import CocoEvaluator, format_metrics
+    from ..evaluation.loop import build_evaluator, evaluate, model_category_map
+    from ..fileio import write_json_atomic
+
+    model = load_model(args.weights)
+    device = pick_device(args.device)
+    model.to(device)
+    root, split = Path(args.data), args.split
+    if args.data == "synthetic":
+        root, split = _synthetic_split(model.config, Path(args.out or "runs/eval"), args.split)
+    scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
+    transforms = eval_transforms(TransformConfig.scaled(scale))
+    if args.panoptic:
+        if not model.config.masks:
+            raise DatasetError(f"{args.weights}: PQ needs a panoptic model (with a mask head)")
+        ann, images, pngs = resolve_panoptic(root, split)
+        cmap = model_category_map(model.config, json.loads(ann.read_text()).get("categories", []))
+        dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
+    else:
+        ann, images = resolve_split(root, split)
+        cmap = model_category_map(model.config, json.loads(ann.read_text()).get("categories", []))
+        dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)
+    # The model may predict categories the file does not list: take theirs from the model.
+    known = dict(zip(model.config.label_ids, model.config.is_thing))
+    evaluator = build_evaluator(dataset, model.config.masks, known_isthing=known)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    skips = SkipTracker(warn=lambda msg: print(msg, file=sys.stderr))
+    metrics = evaluate(model, loader, evaluator, device, skips=skips)
+    images, unreadable = int(metrics["images"]), int(metrics["images_unreadable"])
+    if images and unreadable == images:
+        raise DatasetError(f"none of the {images} images of {ann} could be read from {dataset.image_dir}")
+    print(f"{args.weights} on {ann} ({images} images):")
+    if unreadable:
+        print(
+            f"WARNING: {unreadable} of {images} images could not be read; they count as images "
+            "without detections (their objects are missed)",
+            file=sys.stderr,
+        )
+    print(format_metrics(metrics))
+    if args.out:
+        out = Path(args.out)
+        write_json_atomic(out / "metrics.json", metrics)
+        if isinstance(evaluator, CocoEvaluator):
+            evaluator.write_results(out / "results.json")
+            print(f"wrote {out / 'results.json'} and {out / 'metrics.json'}")
+        else:
+            print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _synthetic_split(config, parent, split: str):
+    """The synthetic dataset's root and split for a model (its class set: a model fine-tuned on the
+    "other" shapes is evaluated on those), written under ``parent`` when not there yet."""
+    from ..data.synthetic import SynthConfig, ensure_synthetic, shape_set_for, synthetic_root
+
+    shapes = shape_set_for(config.class_names or (), config.category_ids or ())
+    root = synthetic_root(parent, shapes)
+    split = f"{split.removesuffix('2017')}2017"  # the generator's names: train2017, val2017
+    ensure_synthetic(root, SynthConfig(images=64, shapes=shapes), {split.removesuffix("2017"): 16})
+    return root, split

@@ -1,0 +1,1 @@
+"""Evaluation: COCO AP and panoptic quality, and the evaluation loop."""

@@ -1,0 +1,169 @@
+"""COCO evaluation (box AP, and mask AP for segmentation models) with faster-coco-eval.
+
+Detections are kept as a COCO *results* list — ``{"image_id", "category_id", "bbox": [x, y, w, h],
+"score"}`` with the dataset's own category ids — which is both what the metric reads and what is
+written to disk, so the saved JSON can be re-scored by any COCO tool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.ops import box_convert
+
+from ..data.coco import CategoryMap
+from ..distributed import is_dist
+from ..fileio import write_json_atomic
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def image_results(
+    image_id: int,
+    boxes: torch.Tensor,
+    category_ids: Sequence[int],
+    scores: Sequence[float],
+    masks: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """One image's COCO result entries: ``boxes`` Tensor[N, 4] absolute (x1, y1, x2, y2) become
+    COCO's (x, y, w, h); ``masks`` Bool[N, H, W] in original image size become RLE ``segmentation``."""
+    xywh = box_convert(boxes.detach().double().cpu(), "xyxy", "xywh").tolist()
+    rles = encode_masks(masks) if masks is not None and len(xywh) else [None] * len(xywh)
+    results = []
+    for box, category, score, rle in zip(xywh, category_ids, scores, rles, strict=True):
+        entry = {"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)}
+        if rle is not None:
+            entry["segmentation"] = rle
+        results.append(entry)
+    return results
+
+
+def detections_to_coco(
+    image_ids: Sequence[int],
+    detections: Sequence[dict[str, torch.Tensor]],
+    category_map: CategoryMap,
+    masks: bool = False,
+) -> list[dict[str, Any]]:
+    """Post-processed detections (absolute xyxy boxes, contiguous labels, optional ``masks``
+    Bool[N, H, W] in original image size) -> COCO results with the dataset's category ids."""
+    results = []
+    for image_id, det in zip(image_ids, detections, strict=True):
+        categories = category_map.to_category_ids(det["labels"].cpu()).tolist()
+        scores = det["scores"].float().cpu().tolist()
+        results += image_results(
+            image_id, det["boxes"].float(), categories, scores, det["masks"] if masks else None
+        )
+    return results
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    from pycocotools import mask as mask_utils
+
+    array = np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    rles = mask_utils.encode(array)
+    return [{"size": list(r["size"]), "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+class CocoEvaluator:
+    """Accumulates COCO results over a dataset (and over processes) and computes AP.
+
+    Args:
+        ground_truth: the COCO instances dict (``dataset.data``).
+        category_map: label <-> category id mapping of the model's outputs.
+        iou_types: ``("bbox",)`` or ``("bbox", "segm")``.
+    """
+
+    def __init__(self, ground_truth: dict[str, Any], category_map: CategoryMap, iou_types=("bbox",)) -> None:
+        self.ground_truth = ground_truth
+        self.category_map = category_map
+        self.iou_types = tuple(iou_types)
+        self.results: list[dict[str, Any]] = []
+        self.image_ids: set[int] = set()
+
+    def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.image_ids.update(int(i) for i in image_ids)
+        self.results.extend(
+            detections_to_coco(image_ids, detections, self.category_map, "segm" in self.iou_types)
+        )
+
+    @property
+    def num_images(self) -> int:
+        """Images evaluated (over all processes after :meth:`synchronize`)."""
+        return len(self.image_ids)
+
+    def add_unreadable(self, image_ids: Sequence[int]) -> None:
+        """Images that could not be read: evaluated with no detections, so their objects count as
+        missed instead of silently leaving the score."""
+        self.image_ids.update(int(i) for i in image_ids)
+
+    def synchronize(self) -> None:
+        """Gather every process's results (call on all ranks before :meth:`summarize`)."""
+        if not is_dist():
+            return
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.results, sorted(self.image_ids)))
+        self.results = [r for results, _ in gathered for r in results]
+        self.image_ids = {i for _, ids in gathered for i in ids}
+
+    def summarize(self, verbose: bool = False) -> dict[str, float]:
+        """COCO metrics as ``{"bbox/AP": ..., "bbox/AP50": ..., ...}`` (-1 where undefined)."""
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        metrics: dict[str, float] = {}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(self.ground_truth)
+        for iou_type in self.iou_types:
+            if not self.results:
+                metrics.update({f"{iou_type}/{n}": 0.0 for n in STAT_NAMES})
+                continue
+            # Each IoU type gets the results as the original submits them: boxes only, or masks
+            # only, so a mask's area (which decides small/medium/large) is the mask's, not its box's.
+            drop = "segmentation" if iou_type == "bbox" else "bbox"
+            results = [{k: v for k, v in r.items() if k != drop} for r in self.results]
+            with contextlib.redirect_stdout(io.StringIO()):
+                dt = gt.loadRes(results)
+            printer = print if verbose else (lambda *a, **k: None)
+            evaluator = COCOeval_faster(gt, dt, iou_type, print_function=printer)
+            evaluator.params.imgIds = sorted(self.image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            metrics.update(
+                {f"{iou_type}/{n}": float(v) for n, v in zip(STAT_NAMES, evaluator.stats, strict=False)}
+            )
+        return metrics
+
+    def write_results(self, path: str | os.PathLike) -> None:
+        """The detections as a COCO results JSON (dataset category ids, xywh boxes)."""
+        write_json_atomic(path, self.results)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A small table of the main metrics, one row per IoU type (and PQ / SQ / RQ when present)."""
+    rows = []
+    if "panoptic/PQ" in metrics:
+        rows.append(f"{'':9}{'PQ':>7}{'SQ':>7}{'RQ':>7}")
+        for suffix, name in (("", "all"), ("_th", "things"), ("_st", "stuff")):
+            values = [metrics.get(f"panoptic/{m}{suffix}", -1.0) for m in ("PQ", "SQ", "RQ")]
+            rows.append(f"{name:9}" + "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in values))
+        if not any("/" in k and k.split("/")[1] in STAT_NAMES for k in metrics):
+            return "\n".join(rows)
+        rows.append("")
+    return "\n".join(rows + [_format_ap(metrics)])
+
+
+def _format_ap(metrics: dict[str, float]) -> str:
+    types = sorted({k.split("/")[0] for k in metrics if "/" in k and k.split("/")[1] in STAT_NAMES})
+    header = f"{'':6}" + "".join(f"{n:>7}" for n in STAT_NAMES[:6]) + f"{'AR100':>7}"
+    rows = [header]
+    for t in types:
+        values = [metrics.get(f"{t}/{n}", float("nan")) for n in (*STAT_NAMES[:6], "AR100")]
+        rows.append(f"{t:6}" + "".join(f"{100 * v:7.1f}" if v >= 0 else f"{'-':>7}" for v in values))
+    return "\n".join(rows)

@@ -1,0 +1,125 @@
+"""One evaluation pass over a dataset, and the evaluator a dataset needs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..amp import amp_autocast
+from ..data.coco import CategoryMap, CocoDetection, DatasetError
+from ..data.collate import Batch, SkipTracker
+from ..data.panoptic import CocoPanoptic
+from ..distributed import sum_over_processes
+from ..models.config import DetrConfig
+from ..models.criterion import SetCriterion
+from ..models.detr import unwrap
+from ..models.panoptic import PostProcessPanoptic
+from ..models.postprocess import PostProcess, PostProcessSegm
+from .coco import CocoEvaluator
+from .pq import PanopticEvaluator
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    evaluator: CocoEvaluator | PanopticEvaluator,
+    device: torch.device,
+    *,
+    amp: str = "none",
+    criterion: SetCriterion | None = None,
+    progress: Callable[[], None] | None = None,
+    skips: SkipTracker | None = None,
+) -> dict[str, float]:
+    """Run the model over ``loader``, feed ``evaluator`` with detections in original image
+    coordinates (panoptic segmentations for a :class:`PanopticEvaluator`), and return its metrics,
+    plus ``images`` (evaluated, over all processes), ``images_unreadable`` (of those, the images
+    that could not be read: scored as images without detections) and, with ``criterion``, the
+    mean validation loss ``val/loss``.
+
+    Under DDP each process evaluates its own shard; shards may differ in length (or be empty),
+    so nothing here is collective until the end."""
+    model.eval()
+    postprocess = PostProcess()
+    postprocess_masks = PostProcessSegm()
+    panoptic = "panoptic" in evaluator.iou_types
+    if panoptic:
+        postprocess_panoptic = PostProcessPanoptic(unwrap(model).config.is_thing)
+    loss_sum, batches = 0.0, 0
+    unreadable: list[int] = []
+    for batch in loader:
+        unreadable.extend(s.image_id for s in batch.skipped)
+        if skips is not None:
+            skips.update(batch.skipped)
+        if len(batch) == 0:
+            continue
+        batch = batch.to(device)
+        with amp_autocast(device, amp):
+            outputs = model(batch.images, batch.padding_mask)
+        if criterion is not None:
+            # This batch's own normalisers, with no collective: the processes' shards may differ in
+            # length (and a process may have no image), so per-batch collectives would not pair up.
+            norm = criterion.loss_norm([batch.targets], across_processes=False)
+            loss_dict = criterion(outputs, batch.targets, norm)
+            weights = criterion.weight_dict
+            loss_sum += float(sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights))
+            batches += 1
+        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        image_ids = [int(t["image_id"]) for t in batch.targets]
+        if panoptic:
+            sizes = torch.stack([t["size"] for t in batch.targets])
+            evaluator.update(image_ids, postprocess_panoptic(outputs, sizes, orig_sizes))
+            if progress is not None:
+                progress()
+            continue
+        detections = postprocess(outputs, orig_sizes)
+        if "segm" in evaluator.iou_types:
+            sizes = torch.stack([t["size"] for t in batch.targets])
+            detections = postprocess_masks(detections, outputs, sizes, orig_sizes)
+        evaluator.update(image_ids, detections)
+        if progress is not None:
+            progress()
+    # An image that cannot be read still has its ground truth: it counts as one without detections.
+    evaluator.add_unreadable(unreadable)
+    evaluator.synchronize()
+    metrics = evaluator.summarize()
+    loss_sum, batches, missed = sum_over_processes([loss_sum, float(batches), float(len(unreadable))], device)
+    metrics["images"] = float(evaluator.num_images)  # what the gathered results cover
+    metrics["images_unreadable"] = missed
+    if criterion is not None:
+        metrics["val/loss"] = loss_sum / max(batches, 1.0)  # mean over every validation batch
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def build_evaluator(
+    dataset: CocoDetection | CocoPanoptic, masks: bool, known_isthing: dict[int, bool] | None = None
+) -> CocoEvaluator | PanopticEvaluator:
+    """The evaluator of ``dataset``: PQ for a panoptic dataset, else COCO box AP (and mask AP with
+    ``masks``). ``known_isthing`` (category id -> is a thing) names categories the model may
+    predict that the dataset's file does not list (the dataset's own entries win)."""
+    if isinstance(dataset, CocoPanoptic):
+        isthing = {**(known_isthing or {}), **dataset.isthing}
+        return PanopticEvaluator(isthing, dataset.ground_truth, dataset.category_map.category_ids)
+    iou_types = ("bbox", "segm") if masks else ("bbox",)
+    return CocoEvaluator(dataset.data, dataset.category_map, iou_types)
+
+
+def model_category_map(config: DetrConfig, dataset_categories: list[dict]) -> CategoryMap:
+    """The label space a model predicts in, as dataset category ids."""
+    if config.category_ids is not None:
+        names = config.class_names or tuple(str(i) for i in config.category_ids)
+        return CategoryMap(tuple(config.category_ids), tuple(names))
+    ids = sorted(int(c["id"]) for c in dataset_categories)
+    if ids and max(ids) < config.num_classes:
+        # The original DETR convention (COCO's 91 ids): label = category id.
+        names = config.class_names or tuple(str(i) for i in range(config.num_classes))
+        return CategoryMap(tuple(range(config.num_classes)), tuple(names))
+    if len(ids) == config.num_classes:
+        return CategoryMap.from_categories(dataset_categories)
+    raise DatasetError(
+        f"the model predicts {config.num_classes} classes without saying which dataset ids they are, "
+        f"and the dataset has {len(ids)} categories (ids {ids[:10]}...)"
+    )
