@@ -13,8 +13,13 @@ PY="$PWD/$VENV/bin/python"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+# Built from a copy of the files git knows (committed or not, ignored ones left out): no build/ or
+# *.egg-info of an earlier build or of the editable install can slip files into the wheel.
+mkdir "$work/src"
+git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$work/src"
 echo "check_wheel: python -m build --wheel"
-"$PY" -m build --wheel --outdir "$work/dist" . >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+"$PY" -m build --wheel --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1 ||
+    { cat "$work/build.log"; exit 1; }
 wheel=$(ls "$work"/dist/detrkit-*.whl)
 
 "$PY" -m venv "$work/venv"
