@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow lint docs wheel-check demo clean
+.PHONY: setup test test-slow lint docs wheel-check mutate demo clean
 
 DEMO_MINUTES ?= 10
 
@@ -28,6 +28,11 @@ docs: setup
 # Build the wheel, install it in a new environment outside the source tree, run the CLI from there.
 wheel-check: setup
 	VENV=$(VENV) bash scripts/check_wheel.sh
+
+# Break the lines changed since BASE one at a time and list the breakages no test catches (slow; not in CI).
+BASE ?= main~1
+mutate: setup
+	$(PY) scripts/mutate.py --base $(BASE) $(MUTATE_ARGS)
 
 demo: setup
 	$(PY) -m detrkit train --preset cpu-tiny --data synthetic --output-dir runs/demo --time-budget $(DEMO_MINUTES) --overwrite

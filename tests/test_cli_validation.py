@@ -64,28 +64,114 @@ def test_bad_values_are_refused_with_a_clear_message(argv, message, capsys, tmp_
 
 BAD_FILES = [
     (["plot", "{missing}"], "no metrics log"),
+    (["plot", "{badrun}"], "metrics.jsonl:2: not a JSON line"),
+    (["plot", "{listrun}"], "metrics.jsonl:1: not an epoch record"),
     (["convert", "{garbage}", "{out}/o.safetensors", "--to", "detrkit"], "not a readable PyTorch checkpoint"),
+    (["convert", "{hfdir}", "{out}/o.safetensors", "--to", "detrkit"], "config.json: not valid JSON"),
     (["info", "{garbage}"], "not a readable PyTorch checkpoint"),
+    (["info", "{hfdir}"], "config.json: not valid JSON"),
+    (["info", "{missing}"], "nothing-here"),
     (
         ["predict", "{garbage}", "--weights", "{garbage}", "--out", "{out}/p"],
         "not a readable PyTorch checkpoint",
     ),
+    (["predict", "{garbage}", "--weights", "{hfdir}", "--out", "{out}/p"], "config.json: not valid JSON"),
     (["eval", "--weights", "{garbage}", "--data", "{missing}"], "not a readable PyTorch checkpoint"),
+    (["eval", "--weights", "{model}", "--data", "{badjson}"], "instances_val2017.json: not valid JSON"),
+    (
+        ["eval", "--weights", "{model}", "--data", "{latin1}"],
+        "instances_val2017.json: the annotation file is not UTF-8",
+    ),
+    (["eval", "--weights", "{model}", "--data", "{nocats}"], "'categories' is a list"),
+    (["eval", "--weights", "{model}", "--data", "{missing}"], "nothing-here"),
     (["explain", "{garbage}", "--weights", "{garbage}", "--out", "{out}/x.png"], "not a readable PyTorch"),
+    (["explain", "{missing}", "--weights", "{model}", "--out", "{out}/x.png"], "nothing-here"),
     (["serve", "--weights", "{garbage}"], "not a readable PyTorch checkpoint"),
+    (["serve", "--weights", "{hfdir}"], "config.json: not valid JSON"),
     (["export", "--weights", "{missing}", "--out", "{out}/m.onnx"], "no such file or directory"),
+    (["export", "--weights", "{hfdir}", "--out", "{out}/m.onnx"], "config.json: not valid JSON"),
     (["data", "check", "{missing}"], "no instances_*.json"),
     (["train", "--data", "{missing}", "--output-dir", "{out}/run"], "no annotations for split"),
+    (["train", "--data", "{badjson}", "--output-dir", "{out}/run"], "not valid JSON"),
+    (["train", "--data", "{latin1}", "--output-dir", "{out}/run"], "is not UTF-8 text"),
     (["train", "--config", "{garbage}", "--output-dir", "{out}/run"], "garbage.pth: not a config file"),
+    (["train", "--config", "{missing}.yaml"], "nothing-here.yaml: config file not found"),
+    (["train", "--config", "{confdir}"], "conf.yaml: is a folder; expected a config file"),
+    (["train", "--config", "{pipe}"], "pipe.yaml: not a regular file"),
+    (["train", "--config", "{badyaml}"], "bad.yaml: invalid config file"),
+    (["train", "--config", "{badtoml}"], "bad.toml: invalid config file"),
+    (["train", "--config", "{badjsonconf}"], "bad.json: invalid config file"),
+    (["train", "--config", "{listyaml}"], "list.yaml: a config file must hold a mapping"),
+    (["train", "--config", "{typesyaml}"], "TrainConfig.epochs=[1]: expected int"),
+    (["train", "--config", "{latin1yaml}"], "latin.yaml: the config file is not UTF-8 text"),
+    (["train", "--resume", "--output-dir", "{out}/norun"], "--resume: no checkpoint at"),
+    (["train", "--init-from", "{garbage}", "--output-dir", "{out}/run"], "not a readable PyTorch checkpoint"),
 ]
 
 
-@pytest.mark.parametrize("argv,message", BAD_FILES, ids=[" ".join(a[:2]) for a, _ in BAD_FILES])
-def test_every_command_names_a_bad_file_without_a_traceback(argv, message, capsys, tmp_path):
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_text("hello: [not, a, checkpoint\n")
-    paths = {"garbage": garbage, "missing": tmp_path / "nothing-here", "out": tmp_path / "out"}
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """One of each kind of broken user file, and a small model to pair them with."""
+    import os
+
+    import torch
+    from conftest import shapes_config
+
+    root = tmp_path_factory.mktemp("badfiles")
+    torch.manual_seed(0)
+    detrkit.save_model(detrkit.build_model(shapes_config()), root / "model.safetensors")
+    (root / "garbage.pth").write_text("hello: [not, a, checkpoint\n")
+    for name, text in {
+        "badrun/metrics.jsonl": '{"epoch": 1}\n{"epoch": 2\n',
+        "listrun/metrics.jsonl": "[1, 2]\n",
+        "hfdir/config.json": '{"model_type": "detr", ',
+        "hfdir/model.safetensors": "",
+        "badjson/annotations/instances_val2017.json": '{"images": [',
+        "badjson/annotations/instances_train2017.json": '{"images": [',
+        "nocats/annotations/instances_val2017.json": '{"images": [], "categories": 5}',
+        "bad.yaml": "lr: [1, 2\n",
+        "bad.toml": "lr = \n",
+        "bad.json": '{"lr": ',
+        "list.yaml": "- 1\n- 2\n",
+        "types.yaml": "epochs: [1]\n",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    latin = '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\xe9"}]}'
+    for split in ("train2017", "val2017"):
+        (root / "latin1/annotations").mkdir(parents=True, exist_ok=True)
+        (root / f"latin1/annotations/instances_{split}.json").write_bytes(latin.encode("latin-1"))
+    (root / "latin.yaml").write_bytes("data: caf\xe9\n".encode("latin-1"))
+    (root / "conf.yaml").mkdir()
+    os.mkfifo(root / "pipe.yaml")  # reading it would block forever
+    return root
+
+
+@pytest.mark.parametrize("argv,message", BAD_FILES, ids=[" ".join(a[:2] + a[-1:]) for a, _ in BAD_FILES])
+def test_every_command_names_a_bad_file_without_a_traceback(argv, message, capsys, tmp_path, bad_files):
+    names = ("badrun", "listrun", "hfdir", "badjson", "nocats", "latin1")
+    paths = {name: bad_files / name for name in names}
+    paths.update(
+        garbage=bad_files / "garbage.pth", missing=tmp_path / "nothing-here", out=tmp_path / "out",
+        model=bad_files / "model.safetensors", confdir=bad_files / "conf.yaml", pipe=bad_files / "pipe.yaml",
+        badyaml=bad_files / "bad.yaml", badtoml=bad_files / "bad.toml", badjsonconf=bad_files / "bad.json",
+        listyaml=bad_files / "list.yaml", typesyaml=bad_files / "types.yaml", latin1yaml=bad_files / "latin.yaml",
+    )  # fmt: skip
     code = detrkit.cli.main([a.format(**paths) for a in argv])
     captured = capsys.readouterr()
     assert code == 2, captured.out + captured.err
-    assert message in captured.err and "Traceback" not in captured.out + captured.err
+    assert message in captured.err and "Traceback" not in captured.out + captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_a_user_error_is_one_line_whatever_its_message(monkeypatch, capsys):
+    # Messages from other libraries (a parser's, the OS's) may span lines: the user still gets one.
+    import detrkit.cli.info
+    from detrkit.errors import ConfigError
+
+    def fail(args):
+        raise ConfigError("first line\n  second line\n\n")
+
+    monkeypatch.setattr(detrkit.cli.info, "run", fail)
+    assert detrkit.cli.main(["info", "x"]) == 2
+    assert capsys.readouterr().err == "detrkit info: error: first line second line\n"

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..errors import CheckpointError
-from ..fileio import atomic_write, write_json_atomic
+from ..fileio import atomic_write, read_json_file, write_json_atomic
 from ..models.config import DetrConfig
 from ..models.detr import Detr
 from .configs import config_from_hf, hf_config_dict, infer_config
@@ -131,10 +131,7 @@ def _check_shapes(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    data = read_json_file(path, error=CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from . import convert, data, evaluate, explain, export, plot, predict, serve, train
+from . import convert, data, evaluate, explain, export, info, plot, predict, serve, synth, train
 
 # In the order ``detrkit --help`` lists them.
 PARSERS = (
@@ -20,9 +20,9 @@ PARSERS = (
     export.add_parser,
     serve.add_parser,
     plot.add_parser,
-    data.add_synth_parser,
+    synth.add_parser,
     data.add_parser,
-    convert.add_info_parser,
+    info.add_parser,
 )
 
 
@@ -37,13 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions whose message is meant for the user: printed on one line, exit status 2."""
+    """The exceptions whose message is meant for the user: printed on one line, exit status 2.
+
+    The project's own error classes name the file, field or option and the reason. Decoding
+    errors of the formats users write (JSON, YAML, TOML, text encodings) and the operating
+    system's refusals to open a path are theirs too: a file is read where it is named, so their
+    message and the file name reach the user rather than a traceback."""
+    import json
+
+    import yaml
+
     from ..data.coco import DatasetError
     from ..data.images import ImageLoadError
     from ..errors import CheckpointError, ConfigError
     from ..training.loop import TrainingError
 
-    return (CheckpointError, ConfigError, DatasetError, ImageLoadError, FileNotFoundError, TrainingError)
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return (
+        CheckpointError, ConfigError, DatasetError, ImageLoadError, TrainingError,
+        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+        json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,5 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except user_errors() as e:
-        print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message's source
+        print(f"detrkit {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -1,5 +1,4 @@
-"""``detrkit convert`` (between the detrkit, original DETR and Hugging Face formats) and
-``detrkit info`` (the configuration a checkpoint loads with)."""
+"""``detrkit convert``: a checkpoint from one format to another (detrkit, original DETR, Hugging Face)."""
 
 from __future__ import annotations
 
@@ -22,12 +21,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def add_info_parser(sub) -> None:
-    p = sub.add_parser("info", help="print the configuration a checkpoint loads with")
-    p.add_argument("weights")
-    p.set_defaults(run=run_info)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints.io import convert_checkpoint
     from ..fileio import check_output
@@ -37,11 +30,4 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"dilation": True} if args.dilation else {}
     path = convert_checkpoint(args.src, args.dst, args.to, **overrides)
     print(f"wrote {path} ({args.to})")
-    return 0
-
-
-def run_info(args: argparse.Namespace) -> int:
-    from ..checkpoints.io import config_of
-
-    print(config_of(args.weights).to_json())
     return 0

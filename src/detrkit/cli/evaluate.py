@@ -27,7 +27,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from torch.utils.data import DataLoader
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.transforms import TransformConfig, eval_transforms
     from ..distributed import pick_device
     from ..evaluation.coco import CocoEvaluator, format_metrics
-    from ..evaluation.loop import build_evaluator, evaluate, model_category_map
+    from ..evaluation.loop import annotation_categories, build_evaluator, evaluate, model_category_map
     from ..fileio import write_json_atomic
 
     model = load_model(args.weights)
@@ -55,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
         if not model.config.masks:
             raise DatasetError(f"{args.weights}: PQ needs a panoptic model (with a mask head)")
         ann, images, pngs = resolve_panoptic(root, split)
-        cmap = model_category_map(model.config, json.loads(ann.read_text()).get("categories", []))
+        cmap = model_category_map(model.config, annotation_categories(ann))
         dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
     else:
         ann, images = resolve_split(root, split)
-        cmap = model_category_map(model.config, json.loads(ann.read_text()).get("categories", []))
+        cmap = model_category_map(model.config, annotation_categories(ann))
         dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)
     # The model may predict categories the file does not list: take theirs from the model.
     known = dict(zip(model.config.label_ids, model.config.is_thing))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..fileio import read_json_file
 from .schema import structure_problems
 from .segmentations import find_bad_segmentations
 
@@ -62,8 +62,8 @@ def check_annotations(
     """Check a COCO instances JSON (and, with ``image_dir``, that its images exist and match)."""
     report = CheckReport(str(ann_file))
     try:
-        data = json.loads(Path(ann_file).read_text())
-    except (OSError, ValueError) as e:
+        data = read_json_file(ann_file, what="annotation file")
+    except ValueError as e:
         report.error("unreadable annotation file", str(e))
         return report
     # The loader's own structural check: the same problems, named the same way. The checks below

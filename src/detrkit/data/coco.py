@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as TF
 
+from ..fileio import read_json_file
 from .images import ImageLoadError, load_image, to_rgb
 from .schema import structure_problems
 from .segmentations import find_bad_segmentations
@@ -80,12 +80,7 @@ def _load_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str,
     if isinstance(source, Mapping):
         return dict(source), "<in-memory annotations>"
     path = Path(source)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable JSON file ({e})") from None
+    data = read_json_file(path, error=DatasetError, what="annotation file")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     return data, str(path)

@@ -13,6 +13,7 @@ from ..data.coco import CategoryMap, CocoDetection, DatasetError
 from ..data.collate import Batch, SkipTracker
 from ..data.panoptic import CocoPanoptic
 from ..distributed import sum_over_processes
+from ..fileio import read_json_file
 from ..models.config import DetrConfig
 from ..models.criterion import SetCriterion
 from ..models.detr import unwrap
@@ -105,6 +106,16 @@ def build_evaluator(
         return PanopticEvaluator(isthing, dataset.ground_truth, dataset.category_map.category_ids)
     iou_types = ("bbox", "segm") if masks else ("bbox",)
     return CocoEvaluator(dataset.data, dataset.category_map, iou_types)
+
+
+def annotation_categories(path) -> list[dict]:
+    """The ``categories`` of a COCO annotation file (read before the dataset, whose label space
+    they decide); a file that is not a COCO JSON object is refused naming it."""
+    data = read_json_file(path, error=DatasetError, what="annotation file")
+    categories = data.get("categories", []) if isinstance(data, dict) else None
+    if not isinstance(categories, list) or not all(isinstance(c, dict) and "id" in c for c in categories):
+        raise DatasetError(f"{path}: expected a JSON object whose 'categories' is a list of {{'id', 'name'}}")
+    return categories
 
 
 def model_category_map(config: DetrConfig, dataset_categories: list[dict]) -> CategoryMap:

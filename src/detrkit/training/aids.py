@@ -155,7 +155,10 @@ class TrainingAids(nn.Module):
         size = labels.shape[1] // groups
         queries = DenoisingQueries(
             content=self.label_embed(labels),
-            position=self.box_embed(box_sine_embedding(boxes, self.label_embed.embedding_dim)),
+            # The sine embedding is computed in fp32; the MLP takes the model's own dtype.
+            position=self.box_embed(
+                box_sine_embedding(boxes, self.label_embed.embedding_dim).to(self.label_embed.weight.dtype)
+            ),
             groups=groups,
             padding=~valid,
         )

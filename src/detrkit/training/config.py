@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..fileio import read_text_file
 from ..models.config import DetrConfig, check_types, construct
 from .schedule import SCHEDULES
 
@@ -247,10 +248,9 @@ PRESETS["cpu-mobilenet"] = merge(PRESETS["cpu-tiny"], {"model": {"backbone": "ti
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON training config as a dict."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"{path}: not a config file (expected .yaml, .yml, .toml or .json)")
+    text = read_text_file(path, error=ConfigError, what="config file", max_bytes=1024**2)
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -269,6 +269,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - parser errors of three libraries
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        if mark is not None and problem:  # PyYAML: say where, in one line
+            e = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
         raise ConfigError(f"{path}: invalid config file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of options")

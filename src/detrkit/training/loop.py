@@ -39,7 +39,44 @@ class TrainState:
     best_metric: float = -1.0
     train_seconds: float = 0.0  # wall-clock time spent training (evaluation excluded)
     backbone_pretrained: bool = False  # the dense pretraining stage is done
+    pretrain_seconds: float = 0.0  # of train_seconds, the pretraining stage's
     history: list[dict] = field(default_factory=list)
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batch_norm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics that a training-mode forward updates (BatchNorm layers that train
+    and track them): what a step that is then skipped must put back."""
+    return [
+        buffer
+        for m in model.modules()
+        if isinstance(m, _BATCH_NORMS) and m.training and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buffer is not None
+    ]
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def refuse_non_finite(model: nn.Module, what: str, run_dir: object) -> None:
+    """Raise :class:`TrainingError` naming the tensors of ``model`` that are not finite: such a
+    model is not ``what`` ("saved", "evaluated"), and the last good checkpoint stays as it is."""
+    bad = non_finite_tensors(model)
+    if bad:
+        raise TrainingError(
+            f"the model's {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or infinite "
+            f"values: it is not {what}, and the last good checkpoint in {run_dir} is untouched. "
+            "Lower the learning rate, or check the data."
+        )
 
 
 def _micro_batch_groups(
@@ -114,6 +151,10 @@ def train_one_epoch(
             continue
         step_losses: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=device)
+        # The forward updates BatchNorm's running statistics before the loss is known to be finite:
+        # keep them, so that a skipped step leaves no trace (one NaN would poison them for good).
+        norm_buffers = batch_norm_buffers(model)
+        norm_before = [b.clone() for b in norm_buffers]
         for i, batch in enumerate(usable):
             batch = batch.to(device, non_blocking=True)
             sync = contextlib.nullcontext()
@@ -141,6 +182,9 @@ def train_one_epoch(
 
         if not all_processes(bool(finite), device):
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, before in zip(norm_buffers, norm_before, strict=True):
+                    buffer.copy_(before)
             state.bad_streak += 1
             ids = [int(t["image_id"]) for b in usable for t in b.targets]
             warnings.warn(

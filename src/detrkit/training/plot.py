@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_text_file
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -15,12 +15,17 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics log (is {run_dir} a training run folder?)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(
+        read_text_file(path, error=ConfigError, what="metrics log").splitlines(), 1
+    ):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 raise ConfigError(f"{path}:{number}: not a JSON line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("epoch", 0), (int, float)):
+                raise ConfigError(f"{path}:{number}: not an epoch record (a JSON object with 'epoch')")
+            records.append(record)
     return records
 
 

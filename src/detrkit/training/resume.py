@@ -132,3 +132,50 @@ def apply_new_rates(
     if "weight_decay" in overrides:
         for group in optimizer.param_groups:
             group["weight_decay"] = cfg.weight_decay
+
+
+# Options that set where a run ends, hence where a per-step schedule stands.
+LENGTH_OPTIONS = ("epochs", "max_steps", "time_budget", "lr_schedule", "lr_decay_fraction")
+
+
+def check_schedule_change(
+    saved_config: dict[str, Any],
+    cfg: TrainConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    checkpoint: Path,
+) -> None:
+    """Refuse what a resumed run could not do as asked.
+
+    - Lengthening (or re-scheduling) a run whose ``linear``/``cosine`` decay has begun would jump
+      its learning rate from where the decay brought it back up to the peak, without warm-up: a
+      run that continues from trained weights at a new schedule is a new run (``--init-from``).
+      Before the decay begins, a change only moves where it will begin, and is applied.
+    - Lengthening a run that another of its limits has already ended (more epochs for a run that
+      reached its ``max_steps``) would be logged as applied and train nothing."""
+    changed = [
+        k for k in LENGTH_OPTIONS if k in saved_config and plain(saved_config[k]) != plain(getattr(cfg, k))
+    ]
+    if not changed:
+        return
+    group = optimizer.param_groups[0]
+    factor = group["lr"] / group.get("initial_lr", group["lr"])
+    if saved_config.get("lr_schedule", "step") != "step" and factor < 1 - 1e-6:
+        raise ConfigError(
+            f"--resume: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)} would restart a learning "
+            f"rate that has decayed to {factor:.1%} of its peak (lr_schedule={saved_config['lr_schedule']}). "
+            f"To train on, start a new run from it: --init-from {checkpoint} --output-dir NEW_DIR"
+        )
+
+    def longer(key: str) -> bool:
+        old, new = saved_config.get(key), getattr(cfg, key)
+        return key in ("epochs", "max_steps", "time_budget") and (
+            new is None or (old is not None and new > old)
+        )
+
+    ended = state.epoch >= cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps)
+    if ended and any(longer(k) for k in changed):
+        raise ConfigError(
+            f"--resume: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)} leaves nothing to train: the "
+            f"run is at epoch {state.epoch}, step {state.step} (epochs={cfg.epochs}, max_steps={cfg.max_steps})"
+        )

@@ -4,6 +4,7 @@ atomic checkpoint writes and the metrics log. Only the main process writes."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,19 @@ class RunDir:
         """The last evaluation's metrics, as ``final_metrics.json``."""
         if is_main_process():
             write_json_atomic(self.path / FINAL, metrics)
+
+
+def epoch_record(
+    state, optimizer: torch.optim.Optimizer, start: float, train: dict[str, float]
+) -> dict[str, Any]:
+    """An epoch's line of ``metrics.jsonl`` (its evaluation is added as ``val`` when there is one):
+    counters after it (a :class:`~detrkit.training.loop.TrainState`), seconds since ``start``, the
+    learning rate, and the mean training losses."""
+    return {
+        "epoch": state.epoch,
+        "step": state.step,
+        "time": time.time() - start,
+        "train_seconds": round(state.train_seconds, 2),
+        "lr": optimizer.param_groups[0]["lr"],
+        "train": {k: round(v, 6) for k, v in train.items()},
+    }

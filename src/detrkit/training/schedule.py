@@ -38,13 +38,13 @@ def lr_factor(schedule: str, progress: float, decay_fraction: float = 1.0) -> fl
 
 
 def run_progress(
-    step: int, total_steps: int, train_seconds: float | None = None, budget_minutes: float | None = None
+    step: int, total_steps: int, seconds: float | None = None, budget_seconds: float | None = None
 ) -> float:
-    """How far a run is: the larger of ``step / total_steps`` and, with a time budget,
-    ``train_seconds`` over the budget (the run ends when either reaches 1)."""
+    """How far a run is: the larger of ``step / total_steps`` and, with a time budget, ``seconds``
+    over ``budget_seconds`` (the run ends when either reaches 1)."""
     progress = step / max(total_steps, 1)
-    if budget_minutes is not None and train_seconds is not None:
-        progress = max(progress, train_seconds / (60.0 * budget_minutes))
+    if budget_seconds is not None and seconds is not None:
+        progress = max(progress, seconds / max(budget_seconds, 1e-9))
     return progress
 
 
@@ -55,7 +55,7 @@ def per_step_factor(
     epochs: int,
     steps_per_epoch: int,
     max_steps: int | None,
-    time_budget: float | None,
+    budget_seconds: float | None,
     step: Callable[[], int],
     trained_seconds: Callable[[], float],
     device: torch.device,
@@ -63,9 +63,10 @@ def per_step_factor(
     """The learning-rate factor of a ``linear``/``cosine`` schedule, to be called before each
     optimizer step; None for the paper's ``step`` schedule (stepped per epoch instead).
 
-    ``step()`` is the run's optimizer step so far and ``trained_seconds()`` its training time so
-    far (read at each call). With a time budget the processes take the largest of their clocks:
-    all must use the same rate, or their weights drift apart."""
+    The schedule runs over DETR's training: ``step()`` is its optimizer step so far and
+    ``trained_seconds()`` its training time so far (read at each call), ``budget_seconds`` the time
+    it has (the run's budget less the backbone pretraining). With a time budget the processes take
+    the largest of their clocks: all must use the same rate, or their weights drift apart."""
     if schedule == "step":
         return None
     total_steps = epochs * steps_per_epoch
@@ -74,9 +75,9 @@ def per_step_factor(
 
     def factor() -> float:
         seconds = None
-        if time_budget is not None:
+        if budget_seconds is not None:
             seconds = max_over_processes(trained_seconds(), device)
-        progress = run_progress(step(), total_steps, seconds, time_budget)
+        progress = run_progress(step(), total_steps, seconds, budget_seconds)
         return lr_factor(schedule, progress, decay_fraction)
 
     return factor

@@ -27,11 +27,11 @@ from ..models.criterion import build_criterion
 from ..models.detr import Detr
 from . import build
 from .config import TrainConfig
-from .loop import TrainState, train_one_epoch
+from .loop import TrainState, refuse_non_finite, train_one_epoch
 from .pretrain import pretraining_stage
 from .progress import EpochBar
-from .resume import apply_new_rates, restore, resumed_config, training_checkpoint
-from .run_dir import BEST, LAST, RunDir
+from .resume import apply_new_rates, check_schedule_change, restore, resumed_config, training_checkpoint
+from .run_dir import BEST, LAST, RunDir, epoch_record
 from .schedule import per_step_factor
 
 BEST_METRIC = "bbox/AP"  # panoptic runs keep the best panoptic/PQ
@@ -111,6 +111,9 @@ class Trainer:
             parts = dict(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=self.ema)
             self.state = restore(saved, model=self.model, aid=self.aid, **parts)
             apply_new_rates(config, self.state, self.optimizer, self.scheduler, overrides)
+            check_schedule_change(
+                saved["train_config"], config, self.state, self.optimizer, self.run_dir / LAST
+            )
             self.log(
                 f"resumed from {self.run_dir / LAST} after epoch {self.state.epoch} (step {self.state.step})"
             )
@@ -140,7 +143,7 @@ class Trainer:
             train_stats = self.train_epoch(skips)
             # Each process has its own clock: the time budget must end the run on all of them at once.
             finished = any_process(not self._more_epochs() or self._out_of_budget(), self.device)
-            record: dict[str, Any] = self._epoch_record(start, train_stats)
+            record = epoch_record(self.state, self.optimizer, start, train_stats)
             line = f"epoch {self.state.epoch}/{cfg.epochs}: loss {train_stats.get('loss', float('nan')):.4f}"
             if finished or (cfg.eval_every and self.state.epoch % cfg.eval_every == 0):
                 metrics = record["val"] = self.evaluate()
@@ -194,9 +197,13 @@ class Trainer:
             self.model.config.masks,
             known_isthing=self.train_set.isthing if self.config.panoptic else None,
         )
+        model = self.evaluated_model()
+        refuse_non_finite(model, "evaluated", self.run_dir.path)
+        # In the precision of `detrkit eval`, predict and serve (fp32), whatever training uses: the
+        # logged metrics, and the checkpoint chosen by them, are what those commands reproduce.
         metrics = evaluate(
-            self.evaluated_model(), build.val_loader(self.config, self.val_set), evaluator, self.device,
-            amp=self.amp, criterion=self.criterion, skips=SkipTracker(warn=self.log),
+            model, build.val_loader(self.config, self.val_set), evaluator, self.device,
+            amp="none", criterion=self.criterion, skips=SkipTracker(warn=self.log),
         )  # fmt: skip
         if metrics["images_unreadable"]:
             self.log(
@@ -214,6 +221,7 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Write the training checkpoint ``name`` (``checkpoint_last.pth`` / ``checkpoint_best.pth``)."""
+        refuse_non_finite(self.evaluated_model(), "saved", self.run_dir.path)
         self.run_dir.save(
             name,
             lambda: training_checkpoint(
@@ -231,13 +239,15 @@ class Trainer:
 
     def lr_factor(self, epoch_start: float, batches: int) -> Callable[[], float] | None:
         """The per-step learning-rate factor of a ``linear``/``cosine`` schedule in this epoch (which
-        started at ``epoch_start`` and has ``batches`` batches); None for the paper's ``step``."""
-        cfg = self.config
+        started at ``epoch_start`` and has ``batches`` batches); None for the paper's ``step``.
+        Its clock is DETR's: the time budget less the backbone pretraining, which it excludes."""
+        cfg, state = self.config, self.state
+        budget = None if cfg.time_budget is None else 60 * cfg.time_budget - state.pretrain_seconds
         return per_step_factor(
             cfg.lr_schedule, cfg.lr_decay_fraction, epochs=cfg.epochs,
-            steps_per_epoch=-(-batches // cfg.grad_accum), max_steps=cfg.max_steps,
-            time_budget=cfg.time_budget, step=lambda: self.state.step,
-            trained_seconds=lambda: self.state.train_seconds + time.time() - epoch_start, device=self.device,
+            steps_per_epoch=-(-batches // cfg.grad_accum), max_steps=cfg.max_steps, budget_seconds=budget,
+            step=lambda: state.step, device=self.device,
+            trained_seconds=lambda: state.train_seconds - state.pretrain_seconds + time.time() - epoch_start,
         )  # fmt: skip
 
     # --- the recipe's decisions -------------------------------------------------------------------
@@ -260,16 +270,6 @@ class Trainer:
             self.save(BEST)
         return f", val loss {metrics.get('val/loss', float('nan')):.4f}, {name} {100 * metrics[key]:.1f}"
 
-    def _epoch_record(self, start: float, train_stats: dict[str, float]) -> dict[str, Any]:
-        return {
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "time": time.time() - start,
-            "train_seconds": round(self.state.train_seconds, 2),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "train": {k: round(v, 6) for k, v in train_stats.items()},
-        }
-
     def _maybe_pretrain_backbone(self) -> None:
         """The dense backbone pretraining stage, when this run's backbone needs it."""
         cfg = self.config
@@ -282,12 +282,17 @@ class Trainer:
             return
         self.state.backbone_pretrained = True
         self.state.train_seconds += stats["seconds"]
+        self.state.pretrain_seconds = stats["seconds"]
         self.run_dir.log_metrics(
             {"epoch": 0, "step": 0, "train_seconds": round(self.state.train_seconds, 2), "pretrain": stats}
         )
         self.save(LAST)
         if self._more_epochs() and self._out_of_budget():
-            self.log(
-                f"backbone pretraining used the whole time budget ({cfg.time_budget:g} min): "
-                "DETR trains one epoch, so that there is a model to evaluate and save"
+            # DETR would train at a learning rate decayed to 0, or not at all: nothing to save as a
+            # model. The pretrained backbone is saved: a resume with a larger budget goes on from it.
+            raise ConfigError(
+                f"time_budget={cfg.time_budget:g}: the backbone pretraining took {stats['seconds'] / 60:.1f} "
+                "minutes of it, leaving none for DETR. Give a budget of more than that, e.g. "
+                f"--resume --output-dir {self.run_dir.path} --time-budget "
+                f"{2 * stats['seconds'] / 60 + cfg.time_budget:.0f} (the pretraining is kept, not repeated)"
             )
