@@ -115,6 +115,7 @@ def bad_files(tmp_path_factory):
     import os
 
     import torch
+
     from conftest import shapes_config
 
     root = tmp_path_factory.mktemp("badfiles")

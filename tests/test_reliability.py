@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny
 
 import detrkit
+from conftest import TINY_MODEL, tiny
 from detrkit.checkpoints.io import torch_load_safe
 from detrkit.data.collate import collate
 from detrkit.errors import ConfigError
