@@ -109,9 +109,9 @@ def statement_starts(source: str) -> set[int]:
     starts = set()
     for node in ast.walk(ast.parse(source)):
         simple = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Raise, ast.Return, ast.Assert)
-        if isinstance(node, simple) and node.lineno == node.end_lineno:
-            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
-                starts.add(node.lineno)
+        docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        if isinstance(node, simple) and node.lineno == node.end_lineno and not docstring:
+            starts.add(node.lineno)
     return starts
 
 

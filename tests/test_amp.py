@@ -54,7 +54,9 @@ def test_cpu_bf16_autocast_attends_in_fp32():
     assert torch.equal(seen["core"], expected)
 
 
-def test_training_and_pretraining_run_under_the_resolved_autocast(tmp_path, data_root, monkeypatch):
+def test_training_and_pretraining_run_under_the_resolved_autocast_evaluation_in_fp32(
+    tmp_path, data_root, monkeypatch
+):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     cfg = tiny(tmp_path, data_root, epochs=1, amp="auto", backbone_pretrain_steps=2, eval_every=0)
     trainer = Trainer(cfg, log=lambda m: None)
@@ -65,9 +67,13 @@ def test_training_and_pretraining_run_under_the_resolved_autocast(tmp_path, data
     linear = trainer.model.transformer.encoder.layers[0].linear1
     linear.register_forward_hook(lambda m, args, out: dtypes.append(("linear", out.dtype)))
     trainer.fit()
-    # 2 pretraining steps (backbone only), 2 DETR steps, then the evaluation at the end.
-    bf16 = torch.bfloat16
-    assert dtypes == [("conv", bf16)] * 2 + [("conv", bf16), ("linear", bf16)] * 3
+    # 2 pretraining steps (backbone only), 2 DETR steps, then the evaluation at the end: in fp32,
+    # the precision of `detrkit eval`, so that the logged metrics are what eval reproduces.
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert dtypes == [("conv", bf16)] * 2 + [("conv", bf16), ("linear", bf16)] * 2 + [
+        ("conv", fp32),
+        ("linear", fp32),
+    ]
 
 
 def test_bf16_gradients_of_a_detr_step_follow_fp32_ones():

@@ -468,11 +468,12 @@ def test_dense_pretraining_targets_follow_the_feature_grid():
     assert torch.allclose(t[:, 2, 2], torch.tensor([0.0, 0.0, 0.25]))  # a quarter inside the image
 
 
-def test_ema_checkpoints_hold_the_evaluated_weights(tmp_path, data_root):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_ema_checkpoints_hold_the_evaluated_weights(tmp_path, data_root, amp):
     """With EMA, evaluation uses the average, so the checkpoints' model must be the average: what
     load_model/eval/predict read is what scored. `detrkit eval` on the best checkpoint gives the
-    metrics logged for it."""
-    trainer = Trainer(tiny(tmp_path, data_root, epochs=1, ema_decay=0.9), log=lambda m: None)
+    metrics logged for it, also when training runs in bf16."""
+    trainer = Trainer(tiny(tmp_path, data_root, epochs=1, ema_decay=0.9, amp=amp), log=lambda m: None)
     trainer.fit()
     run = tmp_path / "run"
     average, raw = trainer.ema.module.state_dict(), trainer.model.state_dict()

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..amp import resolve_amp
 from ..checkpoints.io import load_model
 from ..data.coco import CocoDetection
 from ..data.collate import AspectRatioBatchSampler, ShardSampler, collate
@@ -279,3 +281,25 @@ def describe(model: Detr, device: torch.device) -> str:
         f"{config.num_queries} queries, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"parameters; device {device}, {world_size()} process(es)"
     )
+
+
+def build_precision(
+    cfg: TrainConfig, device: torch.device, log: Log
+) -> tuple[str, torch.amp.GradScaler | None]:
+    """The mixed precision ``cfg.amp`` resolves to on ``device`` ("auto": what is faster on this
+    machine, logged), and the gradient scaler fp16 needs."""
+    amp = resolve_amp(cfg.amp, device)
+    if cfg.amp == "auto":
+        log(f"amp='auto': {amp} on this {device.type}")
+    if amp != "fp16":
+        return amp, None
+    if device.type != "cuda":
+        raise ConfigError("amp='fp16' needs a CUDA device; use amp='bf16' on CPU")
+    return amp, torch.amp.GradScaler("cuda")
+
+
+def build_ema(cfg: TrainConfig, model: Detr) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights and buffers, with ``cfg.ema_decay``."""
+    if cfg.ema_decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

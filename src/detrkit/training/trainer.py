@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..amp import resolve_amp
 from ..checkpoints.io import torch_load_safe
 from ..data.coco import DatasetError
 from ..data.collate import SkipTracker
@@ -94,19 +92,8 @@ class Trainer:
         extra = self.aid.aid_parameters() if self.aid is not None else []
         self.optimizer = build.build_optimizer(config, self.model, extra)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_drop)
-        self.amp = resolve_amp(config.amp, self.device)  # what "auto" means on this machine
-        if config.amp == "auto":
-            self.log(f"amp='auto': {self.amp} on this {self.device.type}")
-        self.scaler = None
-        if self.amp == "fp16":
-            if self.device.type != "cuda":
-                raise ConfigError("amp='fp16' needs a CUDA device; use amp='bf16' on CPU")
-            self.scaler = torch.amp.GradScaler("cuda")
-        self.ema = None
-        if config.ema_decay is not None:
-            self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-            )
+        self.amp, self.scaler = build.build_precision(config, self.device, self.log)
+        self.ema = build.build_ema(config, self.model)
         if saved is not None:
             parts = dict(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=self.ema)
             self.state = restore(saved, model=self.model, aid=self.aid, **parts)
