@@ -135,7 +135,8 @@ def check_annotations(
 
 
 def find_annotation_files(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
-    """``(instances json, image folder)`` pairs of a COCO-layout dataset root, or of one JSON file."""
+    """``(instances json, image folder)`` pairs of a dataset root (COCO layout or an export with one
+    annotation file per split folder), or of one JSON file."""
     root = Path(root)
     if root.is_file():
         split = root.stem.removeprefix("instances_")
@@ -145,4 +146,9 @@ def find_annotation_files(root: str | os.PathLike) -> list[tuple[Path, Path | No
     for ann in sorted((root / "annotations").glob("instances_*.json")):
         split = ann.stem.removeprefix("instances_")
         pairs.append((ann, root / split if (root / split).is_dir() else None))
+    # Exports keep one annotation file per split folder (Roboflow: train/_annotations.coco.json).
+    for pattern, images in (("*/_annotations.coco.json", "."), ("*/annotations.json", "images")):
+        for ann in sorted(root.glob(pattern)):
+            folder = ann.parent / images
+            pairs.append((ann, folder if folder.is_dir() else None))
     return pairs

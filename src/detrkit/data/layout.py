@@ -6,10 +6,29 @@ from pathlib import Path
 
 from .coco import DatasetError
 
+# Other names of COCO's default split names, as labelling tools export them (Roboflow: train,
+# valid, test; others: val, validation).
+SPLIT_ALIASES = {"train2017": ("train",), "val2017": ("val", "valid", "validation"), "test2017": ("test",)}
+
+
+def split_candidates(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """Where ``split``'s (instances JSON, image folder) may be under ``root``, in the order tried:
+    the COCO layout, a Roboflow-style export (``{split}/_annotations.coco.json``), an
+    ``annotations.json`` + ``images/`` folder per split; for COCO's default split names, also under
+    the names exports use (``train``, ``valid``...)."""
+    candidates = []
+    for name in (split, *SPLIT_ALIASES.get(split, ())):
+        candidates += [
+            (root / "annotations" / f"instances_{name}.json", root / name),
+            (root / name / "_annotations.coco.json", root / name),
+            (root / name / "annotations.json", root / name / "images"),
+        ]
+    return candidates
+
 
 def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
     """(instances JSON, image folder) of ``split`` in a COCO layout (``annotations/instances_{split}.json``
-    + ``{split}/``) or a Roboflow-style export (``{split}/_annotations.coco.json``)."""
+    + ``{split}/``) or an export's layout (see :func:`split_candidates`)."""
     if root.is_file() and root.suffix == ".json":
         # annotations/instances_{split}.json of a COCO layout: the images are in {split}/ beside it.
         if root.parent.name == "annotations" and root.stem.startswith("instances_"):
@@ -17,16 +36,16 @@ def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
             if images.is_dir():
                 return root, images
         return root, root.parent
-    candidates = [
-        (root / "annotations" / f"instances_{split}.json", root / split),
-        (root / split / "_annotations.coco.json", root / split),
-        (root / split / "annotations.json", root / split / "images"),
-    ]
+    candidates = split_candidates(root, split)
     for ann, images in candidates:
         if ann.is_file():
             return ann, images
-    tried = ", ".join(str(a) for a, _ in candidates)
-    raise DatasetError(f"{root}: no annotations for split {split!r} (looked for {tried})")
+    tried = ", ".join(str(a) for a, _ in candidates[:3])
+    raise DatasetError(
+        f"{root}: no annotations for split {split!r} (looked for {tried}"
+        + (f", and the same for {', '.join(SPLIT_ALIASES[split])}" if split in SPLIT_ALIASES else "")
+        + ")"
+    )
 
 
 def resolve_panoptic(root: Path, split: str) -> tuple[Path, Path, Path]:
