@@ -293,3 +293,72 @@ def test_resume_restores_the_aid_and_refuses_to_change_it(tmp_path, data_root):
                 TrainConfig(output_dir=str(tmp_path / "b"), **base), resume=True, overrides=change,
                 log=lambda m: None,
             )  # fmt: skip
+
+
+def test_an_image_without_objects_denoises_as_if_nothing_were_masked():
+    # Its denoising group is all padding: the guard lets the group attend to itself (older PyTorch
+    # returns NaN for an all-masked row). With it, the outputs equal those of no padding at all; a
+    # fully masked row in torch 2.x attends to nothing instead (zeros), and differs.
+    torch.manual_seed(0)
+    model = detrkit.build_model(detrkit.DetrConfig(**SMALL)).train()
+    images, mask = padded_batch()
+    content, position = torch.randn(2, 2, 32), torch.randn(2, 2, 32)
+    padding = torch.tensor([[False, False], [True, True]])  # image 1 has no object: both slots empty
+    runs = [
+        model(images, mask, denoising=DenoisingQueries(content, position, groups=1, padding=p))
+        for p in (padding, None)
+    ]
+    masked, unmasked = (r["denoising"]["pred_boxes"] for r in runs)
+    assert torch.allclose(masked, unmasked, atol=1e-6)
+    assert torch.isfinite(masked).all()
+
+
+def test_noised_boxes_stay_inside_the_image():
+    torch.manual_seed(0)
+    aid = TrainingAids(detrkit.build_model(detrkit.DetrConfig(**SMALL)),
+                       denoising_groups=50, box_noise=1.0)  # fmt: skip
+    edges = torch.tensor([[0.02, 0.98, 0.04, 0.04], [0.99, 0.01, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    _, boxes, valid = aid.noised_targets([{"boxes": edges, "labels": torch.tensor([0, 1, 2])}])
+    boxes = boxes[valid]
+    assert boxes.min() >= 0.0 and boxes.max() <= 1.0
+    assert (boxes == 0.0).any() and (boxes == 1.0).any()  # the noise did push some past the edges
+
+
+def test_denoising_losses_are_normalised_by_the_true_box_count_also_with_query_groups():
+    # With G query groups the matched losses divide by G * boxes (each group matches every box);
+    # the D denoising copies divide by D * boxes, whatever G is.
+    torch.manual_seed(0)
+    config = detrkit.DetrConfig(**{**SMALL, "num_queries": 3})
+    criterion = build_criterion(config)
+    targets = [
+        {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]]), "labels": torch.tensor([0, 2])}
+    ]
+    groups, copies = 2, 2
+    outputs = {"pred_logits": torch.randn(1, 3 * groups, 4), "pred_boxes": torch.rand(1, 3 * groups, 4)}
+    dn_boxes = torch.rand(1, 2 * copies, 4)
+    outputs["denoising"] = {
+        "pred_logits": torch.randn(1, 2 * copies, 4),
+        "pred_boxes": dn_boxes,
+        "indices": [(torch.arange(2 * copies), torch.arange(2).repeat(copies))],
+        "groups": copies,
+    }
+    losses = criterion(outputs, targets)
+    expected = (dn_boxes[0] - targets[0]["boxes"].repeat(copies, 1)).abs().sum() / (2 * copies)
+    assert losses["loss_bbox_dn"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_per_step_schedule_counts_optimizer_steps_with_gradient_accumulation_and_max_steps(tmp_path):
+    from conftest import tiny
+
+    from detrkit.data import SynthConfig, write_synthetic
+
+    root = write_synthetic(
+        tmp_path / "d", SynthConfig(images=4, seed=1, min_size=64, max_size=96), {"train": 4, "val": 2}
+    )
+    for max_steps, expected in ((None, 0.5), (4, 0.25)):
+        cfg = tiny(tmp_path, root, epochs=3, grad_accum=2, lr_schedule="linear", max_steps=max_steps,
+                   output_dir=str(tmp_path / f"run{max_steps}"))  # fmt: skip
+        trainer = Trainer(cfg, log=lambda m: None)
+        trainer.state.step = 3
+        # 4 batches an epoch, 2 per optimizer step: 2 steps an epoch, 6 in the run (or max_steps).
+        assert trainer.lr_factor(0.0, batches=4)() == pytest.approx(expected)
