@@ -169,3 +169,44 @@ def test_a_rank_without_images_neither_hangs_nor_loses_an_image(tmp_path):
     # Batch size 1 per rank: 4 steps; a step where either rank drew a broken file is skipped.
     assert 0 < record["step"] < 4
     assert record["val"]["images"] == 1
+
+
+def test_query_groups_and_ema_under_ddp_equal_one_process(square_data, tmp_path):
+    """The aid wrapper under DDP (its extra queries' gradients averaged too), and the EMA of the
+    model inside it: two processes end where one process with the global batch ends."""
+    aids = ("--query-groups", "2", "--ema-decay", "0.5")
+    one, one_weights, _ = _train([sys.executable, "-m", "detrkit"], tmp_path / "one", square_data, 4, *aids)
+    two, two_weights, _ = _train(_torchrun(), tmp_path / "two", square_data, 2, *aids)
+    assert one["step"] == two["step"] == 2
+    # "model" holds the EMA average: equal averages of equal weights.
+    _assert_same_weights(one_weights, two_weights)
+    assert two["train"]["loss_bbox"] == pytest.approx(one["train"]["loss_bbox"], rel=1e-4)
+
+
+def test_denoising_under_ddp_gets_its_targets(square_data, tmp_path):
+    # DDP wraps the aid: the loop must still pass the targets through to it (else it refuses).
+    record, _, _ = _train(_torchrun(), tmp_path / "dn", square_data, 2, "--denoising-groups", "2")
+    assert record["step"] == 2 and record["train"]["loss_bbox_dn"] > 0
+
+
+def _clock_worker(rank: int, port: int, out: str) -> None:
+    from detrkit.training.schedule import per_step_factor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        factor = per_step_factor(
+            "linear", 1.0, epochs=100, steps_per_epoch=10, max_steps=None, budget_seconds=100.0,
+            step=lambda: 0, trained_seconds=lambda: 20.0 + 40.0 * rank, device=torch.device("cpu"),
+        )  # fmt: skip
+        value = factor()
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}/{rank}", "w") as f:
+        f.write(repr(value))
+
+
+def test_under_a_time_budget_all_processes_take_the_same_learning_rate(tmp_path):
+    # Their clocks differ (20 s and 60 s trained): all follow the furthest, or their weights drift.
+    torch.multiprocessing.spawn(_clock_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    factors = [float((tmp_path / str(rank)).read_text()) for rank in (0, 1)]
+    assert factors == [pytest.approx(0.4), pytest.approx(0.4)]
