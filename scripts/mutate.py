@@ -5,24 +5,28 @@ Makefile passes ``BASE``), this makes small faults one at a time -- a comparison
 for ``or``, a constant changed, a ``+`` for a ``-``, a ``not`` dropped, a statement removed --
 runs the test files that exercise the mutated module, and lists each fault that no test caught
 (a "survivor") as ``file:line``. A survivor is a line whose behaviour no test pins down.
+The mutants are made in a copy of the checkout (the files git knows), never in the checkout itself.
 
     make mutate BASE=main~5
     python scripts/mutate.py --base v0.1.0 --max-mutants 80 --tests tests/test_training.py
 
 The tests for a module are the test files that import it or name one of its public definitions
 (``--tests`` overrides). Each run stops at the first failure (``-x``) and is cut after
-``--timeout`` seconds (counted as caught: a fault that hangs the suite is noticed). The source
-file is always restored, also on Ctrl-C. Not part of CI: it runs the tests once per mutant.
+``--timeout`` seconds (counted as caught: a fault that hangs the suite is noticed). Not part of
+CI: it runs the tests once per mutant.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,12 +177,31 @@ def tests_for(path: Path) -> list[Path]:
     return chosen
 
 
-def run_tests(tests: list[Path], timeout: float) -> tuple[bool, float]:
-    """Whether the tests pass (the mutant survives), and the seconds taken."""
+def copy_checkout(into: Path) -> Path:
+    """The files git knows (committed or not; ignored ones left out), copied under ``into``."""
+    names = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, names):
+        source = ROOT / name
+        if source.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+    return into
+
+
+def run_tests(copy: Path, tests: list[Path], timeout: float) -> tuple[bool, float]:
+    """Whether the tests pass in ``copy`` (the mutant survives), and the seconds taken. The copy's
+    ``src`` comes first on the path, before any installed detrkit."""
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *map(str, tests)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(copy / "src"), os.environ.get("PYTHONPATH")])),
+    }
     try:
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return False, time.perf_counter() - start
     return result.returncode == 0, time.perf_counter() - start
@@ -205,29 +228,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.path.relative_to(ROOT)}:{m.line}: {m.what}: {m.text.strip()}")
         return 0
     survivors = []
-    for i, m in enumerate(mutants, 1):
-        tests = [Path(t) for t in args.tests] if args.tests else tests_for(m.path)
-        where = f"{m.path.relative_to(ROOT)}:{m.line}"
-        if not tests:
-            survivors.append((m, "no test file exercises this module"))
-            print(f"[{i}/{len(mutants)}] SURVIVED {where}: {m.what} (no tests)")
-            continue
-        original = m.path.read_text()
-        lines = original.splitlines(keepends=True)
-        ending = "\n" if lines[m.line - 1].endswith("\n") else ""
-        lines[m.line - 1] = m.text + ending
-        try:
-            m.path.write_text("".join(lines))
-            survived, seconds = run_tests(tests, args.timeout)
-        finally:
-            m.path.write_text(original)
-        status = "SURVIVED" if survived else "caught"
-        print(
-            f"[{i}/{len(mutants)}] {status} {where}: {m.what} ({len(tests)} test files, {seconds:.0f}s)",
-            flush=True,
-        )
-        if survived:
-            survivors.append((m, ""))
+    with tempfile.TemporaryDirectory(prefix="detrkit-mutate-") as tmp:
+        copy = copy_checkout(Path(tmp))
+        for i, m in enumerate(mutants, 1):
+            tests = [ROOT / t for t in args.tests] if args.tests else tests_for(m.path)
+            where = f"{m.path.relative_to(ROOT)}:{m.line}"
+            if not tests:
+                survivors.append((m, "no test file exercises this module"))
+                print(f"[{i}/{len(mutants)}] SURVIVED {where}: {m.what} (no tests)")
+                continue
+            target = copy / m.path.relative_to(ROOT)
+            original = target.read_text()
+            lines = original.splitlines(keepends=True)
+            ending = "\n" if lines[m.line - 1].endswith("\n") else ""
+            lines[m.line - 1] = m.text + ending
+            target.write_text("".join(lines))
+            try:
+                survived, seconds = run_tests(copy, [copy / t.relative_to(ROOT) for t in tests], args.timeout)
+            finally:
+                target.write_text(original)
+            status = "SURVIVED" if survived else "caught"
+            print(
+                f"[{i}/{len(mutants)}] {status} {where}: {m.what} ({len(tests)} test files, {seconds:.0f}s)",
+                flush=True,
+            )
+            if survived:
+                survivors.append((m, ""))
     print(f"\n{len(mutants) - len(survivors)} of {len(mutants)} mutants caught; survivors:")
     for m, why in survivors:
         print(
