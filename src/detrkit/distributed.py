@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -74,10 +75,33 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    """``"auto"``: this process's GPU (``LOCAL_RANK`` under torchrun) if there is one, else the CPU."""
-    if preference == "auto":
+def pick_device(preference: str | torch.device | None = "auto") -> torch.device:
+    """The device ``preference`` names, checked to exist here.
+
+    ``"auto"`` (or None): this process's GPU (``LOCAL_RANK`` under torchrun) if there is one, else
+    the CPU. ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"mps"`` are refused with a
+    :class:`~detrkit.errors.ConfigError` when this machine has no such device."""
+    from .errors import ConfigError
+
+    if preference is None or preference == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(preference)
+    text = str(preference)
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if match is None:
+        raise ConfigError(f"device {text!r}: expected auto, cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {text!r}: this machine has no CUDA GPU (use cpu or auto)")
+        if index is not None and int(index) >= count:
+            raise ConfigError(
+                f"device {text!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {text!r}: MPS (Apple GPUs) is not available on this machine")
+    if kind == "cpu" and index not in (None, "0"):
+        raise ConfigError(f"device {text!r}: the CPU is cpu")
+    return torch.device(text)

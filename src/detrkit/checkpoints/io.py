@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._version import __version__
+from ..distributed import pick_device
 from ..errors import CheckpointError
 from ..fileio import atomic_write, read_json_file, write_json_atomic
 from ..models.config import DetrConfig
@@ -256,6 +257,7 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     architecture comes from the weights and the file's own config; ``overrides`` set what neither
     states (e.g. ``dilation=True`` for a DC5 ``.pth`` without ``args``).
     """
+    device = pick_device(device)
     state_dict, known = read_checkpoint(source)
     known.update(overrides)
     try:
@@ -273,6 +275,12 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device = "cpu",
             f"{config.enc_layers}+{config.dec_layers} layers, masks={config.masks}): "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or infinite values: "
+            "a model with them predicts nothing (was it saved from a diverged run?)"
         )
     return model.to(device).eval()
 

@@ -49,7 +49,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from ..data.coco import DatasetError
     from ..data.images import ImageLoadError
-    from ..errors import CheckpointError, ConfigError
+    from ..errors import CheckpointError, ConfigError, MissingExtra
     from ..training.loop import TrainingError
 
     try:
@@ -57,7 +57,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     return (
-        CheckpointError, ConfigError, DatasetError, ImageLoadError, TrainingError,
+        CheckpointError, ConfigError, DatasetError, ImageLoadError, TrainingError, MissingExtra,
         FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
         json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError,
     )  # fmt: skip

@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
         "--panoptic", action="store_true", help="PQ on COCO panoptic annotations (panoptic models)"
     )
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier eval in --out")
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument(
         "--image-scale", type=positive_float, default=None, help="default: what the model was trained with"
@@ -40,8 +41,15 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import pick_device
     from ..evaluation.coco import CocoEvaluator, format_metrics
     from ..evaluation.loop import annotation_categories, build_evaluator, evaluate, model_category_map
-    from ..fileio import write_json_atomic
+    from ..fileio import check_output, write_json_atomic
 
+    if args.out is not None:
+        # Checked before the evaluation: its results must have somewhere to go, and replace nothing
+        # unasked (the folder may hold the synthetic dataset an earlier eval wrote there).
+        check_output(
+            args.out, option="--out", kind="dir", inputs=[args.weights], overwrite=args.overwrite,
+            replaceable=lambda p: not any((p / name).exists() for name in ("results.json", "metrics.json")),
+        )  # fmt: skip
     model = load_model(args.weights)
     device = pick_device(args.device)
     model.to(device)

@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.images import load_image
+    from ..errors import ConfigError
     from ..fileio import check_output
     from ..inference.detector import Detector
     from ..inference.explain import attention_maps, draw_attention
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         args.out, option="--out", inputs=[args.image, args.weights], overwrite=args.overwrite,
         replaceable=lambda p: p.suffix == ".png",
     )  # fmt: skip
+    if args.out is not None and not str(args.out).lower().endswith(".png"):
+        raise ConfigError(f"--out {args.out}: the picture is a PNG; name it *.png")
     detector = Detector.from_pretrained(args.weights, device=args.device)
     maps = attention_maps(detector, load_image(args.image), threshold=args.threshold)
     path = draw_attention(maps, args.out, max_detections=args.max_detections)

@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..fileio import check_output
     from ..training.plot import plot_run
 
@@ -22,5 +23,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(
             args.out, option="--out", overwrite=args.overwrite, replaceable=lambda p: p.suffix == ".png"
         )
+    if args.out is not None and not str(args.out).lower().endswith(".png"):
+        raise ConfigError(f"--out {args.out}: the picture is a PNG; name it *.png")
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0

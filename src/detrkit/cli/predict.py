@@ -40,6 +40,7 @@ def show_progress(done: int, total: int, start: float, failed: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..fileio import check_output
     from ..inference.detector import Detector
     from ..inference.results import collect_inputs, predict_inputs
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.batch_size)
     segmentation = {"auto": "auto", "none": None}.get(args.segmentation, args.segmentation)
+    try:  # refused once here rather than for every image
+        detector.segmentation_mode(segmentation)
+    except ValueError as e:
+        raise ConfigError(f"--segmentation {args.segmentation}: {e}") from None
     summary = predict_inputs(
         detector, files, out, threshold=args.threshold, segmentation=segmentation,
         batch_size=args.batch_size, draw=not args.no_draw, failures=list(missing), progress=show_progress,
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{summary.images} images, {summary.detections} detections (threshold {args.threshold})"
         + (f", {summary.videos} videos ({summary.frames} frames)" if summary.videos else "")
-        + f" in {summary.seconds:.1f}s; {len(summary.failures)} failed; wrote {out}"
+        + f" in {summary.seconds:.1f}s; {len(summary.failures)} failed; "
+        + (f"wrote {out}" if summary.images or summary.videos else "nothing written")
     )
     if summary.failures:
         print("failed: " + ", ".join(name for name, _ in summary.failures), file=sys.stderr)

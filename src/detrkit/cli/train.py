@@ -67,13 +67,31 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def flatten(options: dict[str, Any]) -> dict[str, Any]:
+    """``{"model": {"num_queries": 20}, "lr": 1e-4}`` -> ``{"model.num_queries": 20, "lr": 1e-4}``."""
+    out = {}
+    for key, value in options.items():
+        if key == "model" and isinstance(value, dict):
+            out.update({f"model.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..training.config import build_config
+    from ..errors import ConfigError
+    from ..training.config import build_config, read_config_file
     from ..training.trainer import Trainer
 
     overrides = overrides_of(args)
     if args.resume:
-        output_dir = overrides.get("output_dir") or build_config(args.preset, args.config).output_dir
+        if args.preset is not None:
+            raise ConfigError("--resume continues a run with its own options: --preset only starts a new run")
+        if args.config is not None:
+            # The file's options apply as given on the command line (flags still win over them):
+            # changed ones are applied and reported, or refused where they would change the model.
+            overrides = {**flatten(read_config_file(args.config)), **overrides}
+        output_dir = overrides.get("output_dir") or TrainConfig().output_dir
         trainer = Trainer(TrainConfig(output_dir=output_dir), resume=True, overrides=overrides)
     else:
         trainer = Trainer(build_config(args.preset, args.config, overrides), overwrite=args.overwrite)

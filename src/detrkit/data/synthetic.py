@@ -53,8 +53,10 @@ class SynthConfig:
             raise ConfigError(f"shapes={self.shapes!r}: expected one of {', '.join(SHAPE_SETS)}")
         if self.images < 1:
             raise ConfigError(f"images={self.images}: must be at least 1")
-        if not 32 <= self.min_size <= self.max_size:
-            raise ConfigError(f"need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if not 32 <= self.min_size <= self.max_size <= 4096:
+            raise ConfigError(
+                f"need 32 <= min_size <= max_size <= 4096, got {self.min_size}, {self.max_size}"
+            )
         if self.image_format not in ("jpg", "png"):
             raise ConfigError(f"image_format={self.image_format!r}: expected 'jpg' or 'png'")
 

@@ -55,6 +55,8 @@ class TransformConfig:
     @classmethod
     def scaled(cls, factor: float, **overrides: Any) -> TransformConfig:
         """The paper's recipe with every size multiplied by ``factor`` (e.g. 0.25 for CPU training)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 10:
+            raise ConfigError(f"TransformConfig.scaled({factor!r}): the scale must be a number in (0, 10]")
 
         def s(x: int) -> int:
             return max(8, int(round(x * factor)))

@@ -67,6 +67,12 @@ class Detections:
         return out
 
 
+def check_probability(value: float, name: str) -> None:
+    """Refuse a score threshold that is not a number in [0, 1] (NaN would keep nothing, silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r}: a score threshold must be a number in [0, 1]")
+
+
 def to_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
@@ -81,14 +87,27 @@ def to_pil(image: ImageInput) -> Image.Image:
             raise ValueError(
                 f"numpy images must be uint8 HxWx3 (or HxWx4, HxW), got {image.dtype} {image.shape}"
             )
+        if 0 in image.shape[:2]:
+            raise ValueError(f"numpy image of size {image.shape[0]}x{image.shape[1]}: an image has pixels")
         return Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB")
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"tensor images must be Tensor[3, H, W], got shape {tuple(image.shape)}")
         image = image.detach().cpu()
+        if 0 in image.shape[1:]:
+            raise ValueError(f"tensor image of size {image.shape[1]}x{image.shape[2]}: an image has pixels")
         if image.dtype == torch.uint8:
             return TF.to_pil_image(image)
         if image.is_floating_point():
+            if not bool(torch.isfinite(image).all()):
+                raise ValueError("float tensor image holds NaN or infinite values")
+            low, high = float(image.min()), float(image.max())
+            # Rounding may leave values just outside [0, 1]; a 0-255 image is refused, not clamped white.
+            if low < -0.01 or high > 1.01:
+                raise ValueError(
+                    f"float tensor images must be in [0, 1], got values in [{low:g}, {high:g}] "
+                    "(divide a 0-255 image by 255, or pass it as uint8)"
+                )
             return TF.to_pil_image(image.clamp(0, 1))
         raise ValueError(f"tensor images must be uint8 (0-255) or float (0-1), got {image.dtype}")
     raise TypeError(
@@ -106,7 +125,7 @@ class Detector:
     """
 
     def __init__(self, model: Detr, *, device: str | torch.device | None = None, batch_size: int = 4) -> None:
-        self.device = pick_device("auto") if device is None else torch.device(device)
+        self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -124,6 +143,7 @@ class Detector:
         cls, source: str | os.PathLike, *, device: str | torch.device | None = None, **kwargs
     ) -> Detector:
         """Anything :func:`detrkit.load_model` reads: a file, a Hugging Face folder, an official name."""
+        device = pick_device(device)  # refused before a (slow) load, not after
         return cls(load_model(source), device=device, **kwargs)
 
     def preprocess(self, image: Image.Image) -> Tensor:
@@ -157,7 +177,9 @@ class Detector:
         ``"semantic"``, None (boxes only) or ``"auto"`` (:attr:`default_segmentation`). Panoptic
         segments are the queries whose class probability exceeds ``panoptic_threshold``.
         """
-        segmentation = self._segmentation_mode(segmentation)
+        segmentation = self.segmentation_mode(segmentation)
+        check_probability(threshold, "threshold")
+        check_probability(panoptic_threshold, "panoptic_threshold")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         # One image at a time: only the resized tensors are kept, not every full-size picture.
@@ -166,7 +188,9 @@ class Detector:
             prepared, threshold, segmentation=segmentation, panoptic_threshold=panoptic_threshold
         )
 
-    def _segmentation_mode(self, segmentation: str | None) -> str | None:
+    def segmentation_mode(self, segmentation: str | None) -> str | None:
+        """What ``segmentation`` means for this model ("auto": :attr:`default_segmentation`); a
+        mode the model cannot give is refused with a ``ValueError``."""
         if segmentation == "auto":
             segmentation = self.default_segmentation
         if segmentation not in (None, "instance", "panoptic", "semantic"):
@@ -194,7 +218,7 @@ class Detector:
     ) -> list[Detections]:
         """:meth:`predict` on images already passed through :meth:`prepare` (e.g. in another
         thread, as the server does, so that full-size pictures need not wait in a queue)."""
-        segmentation = self._segmentation_mode(segmentation)
+        segmentation = self.segmentation_mode(segmentation)
         self._post_panoptic.threshold = panoptic_threshold
         inputs = [tensor for tensor, _ in prepared]
         original = [size for _, size in prepared]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError, MissingExtra
 from ..fileio import atomic_write
 from ..models.detr import Detr
 
@@ -53,9 +54,13 @@ def _cpu_copy(model: Detr) -> Detr:
 def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Path:
     """Write ``model`` as ONNX with dynamic batch, height and width; returns the path."""
     try:
+        import onnx
         import onnxscript  # noqa: F401 - the exporter needs it; say so before it fails deep inside
     except ImportError as e:
-        raise ImportError("ONNX export needs the onnx extra: pip install 'detrkit[onnx]'") from e
+        raise MissingExtra("ONNX export", "onnx", e) from e
+    newest = onnx.defs.onnx_opset_version()
+    if not 18 <= opset <= newest:
+        raise ConfigError(f"opset={opset}: this onnx ({onnx.__version__}) writes opsets 18 to {newest}")
     wrapper = ExportWrapper(_cpu_copy(model)).eval()
     images, mask = example_inputs()
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -68,6 +73,7 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
             # The exporter notes that images and padding_mask share batch/height/width: intended.
             warnings.filterwarnings("ignore", message=r".*The axis name: \w+ will not be used")
             _export(tmp)
+        _check_onnx(tmp, opset)
 
     def _export(tmp: str) -> None:
         torch.onnx.export(
@@ -89,6 +95,28 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
         )
 
     return atomic_write(path, write, suffix=".onnx")
+
+
+def _check_onnx(path: str, opset: int) -> None:
+    """Refuse a written model that ONNX's checker or, where installed, onnxruntime rejects: the
+    file is then never put in place (the caller writes through a temporary file)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(path)
+    except Exception as e:  # noqa: BLE001 - the checker's errors
+        raise ConfigError(f"opset={opset}: the exported model is not valid ONNX ({e})") from None
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    try:
+        onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors
+        raise ConfigError(
+            f"opset={opset}: onnxruntime {onnxruntime.__version__} cannot run the exported model "
+            f"({' '.join(str(e).split())[:300]}); choose a lower --opset"
+        ) from None
 
 
 def export_torchscript(model: Detr, path: str | os.PathLike) -> Path:

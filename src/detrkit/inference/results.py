@@ -185,7 +185,8 @@ def predict_inputs(
         predict(batch)
         if progress is not None:
             progress(len(writer.images) + len(failures) - earlier, len(images), start, len(failures))
-    writer.finish()
+    if writer.images or not images:  # every image failed: earlier results in `out` stay as they are
+        writer.finish()
     frames = 0
     for path, name in videos:
         try:

@@ -26,16 +26,16 @@ from typing import Any
 
 from PIL import Image
 
+from ..data.images import ImageLoadError, decode_image
+from ..errors import ConfigError, MissingExtra
+from .detector import Detector
+
 try:
     # Module level: FastAPI reads the endpoints' (string) annotations in this module's namespace.
     from fastapi import FastAPI, HTTPException, Query, UploadFile
     from fastapi.responses import HTMLResponse
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("the server needs the serve extra: pip install 'detrkit[serve]'") from e
-
-from ..data.images import ImageLoadError, decode_image
-from ..errors import ConfigError
-from .detector import Detector
+    raise MissingExtra("detrkit serve", "serve", e) from e
 
 # Room for the multipart envelope around the file itself.
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -271,6 +271,9 @@ def serve(
     detector: Detector, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None
 ) -> None:
     """Run the service with uvicorn until interrupted."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise MissingExtra("detrkit serve", "serve", e) from e
 
     uvicorn.run(create_app(detector, config), host=host, port=port, log_level="info")

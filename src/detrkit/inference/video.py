@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingExtra
 from ..fileio import atomic_write, write_json_atomic
 from .draw import draw_detections
 
@@ -19,7 +20,10 @@ def predict_video(
 ) -> int:
     """Annotated copy of a video (same frame rate, MPEG-4) as ``out/NAME.annotated.mp4`` and its
     detections per frame as ``out/NAME.frames.json``; returns the number of frames."""
-    import av
+    try:
+        import av
+    except ImportError as e:
+        raise MissingExtra("video input", "video", e) from e
 
     frames_json: list[dict[str, Any]] = []
 

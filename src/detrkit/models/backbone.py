@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..errors import ConfigError
 from .config import DetrConfig
 from .feature_maps import with_masks
 
@@ -53,11 +54,18 @@ class Backbone(nn.Module):
         if pretrained:
             # The original DETR used torchvision's first ImageNet weights (``pretrained=True``).
             weights = getattr(torchvision.models, _WEIGHTS[name]).IMAGENET1K_V1
-        resnet = getattr(torchvision.models, name)(
-            weights=weights,
-            replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
-        )
+        try:
+            resnet = getattr(torchvision.models, name)(
+                weights=weights,
+                replace_stride_with_dilation=[False, False, dilation],
+                norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+            )
+        except OSError as e:  # the download (URLError is an OSError) or the cache
+            raise ConfigError(
+                f"pretrained_backbone=True: torchvision's ImageNet weights of {name} could not be "
+                f"downloaded ({e}); connect to the internet once (they are cached), or set "
+                "model.pretrained_backbone=false with --init-from a trained DETR"
+            ) from None
         for pname, parameter in resnet.named_parameters():
             if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)

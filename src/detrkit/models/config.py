@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ from ..errors import ConfigError
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's; or "timm:<any timm CNN>"
 TIMM_PREFIX = "timm:"
 POSITION_EMBEDDINGS = ("sine", "learned")
+MAX_SIZES = {
+    "num_queries": 10_000, "d_model": 8192, "nheads": 256, "dim_feedforward": 65_536,
+    "enc_layers": 100, "dec_layers": 100, "num_classes": 100_000,
+}  # fmt: skip
+# The smallest scale of the paper's sizes (800-1333 px) that leaves an image of 32 px, a stride of stage 4.
+MIN_IMAGE_SCALE = 0.04
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -50,6 +57,9 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -63,6 +73,14 @@ def check_types(instance: Any) -> None:
         value = getattr(instance, name)
         if isinstance(value, os.PathLike) and _matches("", hint):  # a Path where a str is expected
             value = os.fspath(value)
+            object.__setattr__(instance, name, value)
+        if (
+            isinstance(value, str)
+            and float in typing.get_args(hint) + (hint,)
+            and _NUMBER.fullmatch(value.strip())
+        ):
+            # YAML 1.1 (PyYAML) reads `lr: 1e-4` as a string: a number written so is one.
+            value = float(value)
             object.__setattr__(instance, name, value)
         if not _matches(value, hint):
             raise ConfigError(f"{owner}.{name}={value!r}: expected {_type_name(hint)}")
@@ -177,6 +195,27 @@ class DetrConfig:
                 raise bad(name, "must be at least 1")
         if self.enc_layers < 0:
             raise bad("enc_layers", "must be >= 0")
+        # Bounds far above any DETR (100 queries, 256 channels, 6 layers), below what would only
+        # exhaust memory: a typo costs a message, not a machine.
+        for name, most in MAX_SIZES.items():
+            if getattr(self, name) > most:
+                raise bad(name, f"must be at most {most}")
+        costs = ("set_cost_class", "set_cost_bbox", "set_cost_giou")
+        coefs = ("bbox_loss_coef", "giou_loss_coef", "mask_loss_coef", "dice_loss_coef")
+        for name in costs + coefs:
+            if getattr(self, name) < 0:
+                raise bad(name, "must be 0 or more (a negative weight rewards the error)")
+        if not any(getattr(self, name) for name in costs):
+            raise bad("set_cost_class", "the matcher needs at least one of its three costs above 0")
+        if self.category_ids is not None and any(not 0 <= i < 2**63 for i in self.category_ids):
+            raise bad("category_ids", "ids must be in [0, 2**63)")
+        scale = self.extra.get("image_scale", 1.0) if isinstance(self.extra, dict) else 1.0
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not MIN_IMAGE_SCALE <= scale <= 10
+        ):
+            raise bad("extra", f"image_scale={scale!r} must be a number in [{MIN_IMAGE_SCALE}, 10]")
         if self.d_model % self.nheads:
             raise bad("nheads", f"d_model={self.d_model} must be divisible by the number of heads")
         if self.d_model % 2:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..fileio import read_text_file
-from ..models.config import DetrConfig, check_types, construct
+from ..models.config import MIN_IMAGE_SCALE, DetrConfig, check_types, construct
 from .schedule import SCHEDULES
 
 
@@ -124,8 +124,8 @@ class TrainConfig:
             raise bad("ema_decay", "must be in (0, 1), e.g. 0.9997")
         if self.time_budget is not None and self.time_budget <= 0:
             raise bad("time_budget", "must be a positive number of minutes")
-        if not 0 < self.image_scale <= 10:
-            raise bad("image_scale", "must be in (0, 10] (1.0 = the paper's sizes)")
+        if not MIN_IMAGE_SCALE <= self.image_scale <= 10:
+            raise bad("image_scale", f"must be in [{MIN_IMAGE_SCALE}, 10] (1.0 = the paper's sizes)")
         for name in ("eval_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 or more")
@@ -151,10 +151,12 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be at least 1")
-        if self.query_groups < 1:
-            raise ConfigError(f"query_groups={self.query_groups}: must be at least 1 (1 = plain DETR)")
-        if self.denoising_groups < 0:
-            raise ConfigError(f"denoising_groups={self.denoising_groups}: must be 0 (off) or more")
+        if not 1 <= self.query_groups <= 64:
+            raise ConfigError(f"query_groups={self.query_groups}: must be in [1, 64] (1 = plain DETR)")
+        if not 0 <= self.denoising_groups <= 100:
+            raise ConfigError(f"denoising_groups={self.denoising_groups}: must be in [0, 100] (0 = off)")
+        if self.synth_images > 1_000_000:
+            raise bad("synth_images", "must be at most 1000000")
         if self.panoptic or self.model.get("masks"):
             for name, off in (("query_groups", 1), ("denoising_groups", 0)):
                 if getattr(self, name) != off:
@@ -172,6 +174,12 @@ class TrainConfig:
         # from the dataset and are checked with it).
         # With init_from, the other fields come from the checkpoint: checked when they are merged.
         labels = ("num_classes", "class_names", "category_ids", "stuff_ids")
+        given = [name for name in labels if name in self.model]
+        if given:
+            raise ConfigError(
+                f"model.{given[0]}: a run's classes come from its dataset's categories (their ids and "
+                "names), not from options; edit the annotation file's 'categories' instead"
+            )
         if self.init_from is None:
             DetrConfig(**{k: v for k, v in self.model.items() if k not in labels})
 

@@ -36,6 +36,16 @@ def resumed_config(
     change logged; a change to the model of the run in progress is refused."""
     base = saved["train_config"]
     model = saved["detrkit_config"]
+    if overrides.get("init_from", base.get("init_from")) != base.get("init_from"):
+        raise ConfigError(
+            f"--resume continues from {checkpoint}: --init-from {overrides['init_from']} would be ignored. "
+            f"To start from it, start a new run: --init-from {overrides['init_from']} --output-dir NEW_DIR"
+        )
+    unknown = sorted(
+        k for k in overrides if not k.startswith("model.") and k not in TrainConfig.__dataclass_fields__
+    )
+    if unknown:
+        raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
     defaults = TrainConfig()  # for options an older run's config did not record
     fixed = {key: base.get(key, getattr(defaults, key)) for key in FIXED_ON_RESUME}
     fixed.update({f"model.{field}": value for field, value in model.items()})

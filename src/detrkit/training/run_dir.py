@@ -35,14 +35,16 @@ class RunDir:
     def __init__(self, path: str | Path, log: Callable[[str], None] = print) -> None:
         self.path = Path(path)
         self.log = log
+        self._previous: list[str] = []  # run files that claim() allowed to replace
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     def claim(self, overwrite: bool, init_from: str | None = None) -> None:
         """A new run must not silently replace another run's checkpoints and extend its metrics:
-        refuse a folder that holds one, unless ``overwrite`` (then its run files are removed).
-        ``init_from`` is never deleted: a run cannot overwrite the checkpoint it starts from."""
+        refuse a folder that holds one, unless ``overwrite``. ``init_from`` is never deleted: a run
+        cannot overwrite the checkpoint it starts from. Nothing is removed here: the previous run's
+        files go in :meth:`clear_previous`, once the new run has been built without error."""
         previous = [name for name in RUN_FILES if (self.path / name).exists()]
         if (
             overwrite
@@ -57,10 +59,15 @@ class RunDir:
             self.path, option="--output-dir", kind="dir", overwrite=overwrite,
             replaceable=lambda _: not previous,
         )  # fmt: skip
-        if previous and is_main_process():
-            for name in previous:
-                (self.path / name).unlink()
-            self.log(f"--overwrite: removed the previous run's {', '.join(previous)} from {self.path}")
+        self._previous = previous
+
+    def clear_previous(self) -> None:
+        """Remove the run files of the run that :meth:`claim` was allowed to replace."""
+        if self._previous and is_main_process():
+            for name in self._previous:
+                (self.path / name).unlink(missing_ok=True)
+            self.log(f"--overwrite: removed the previous run's {', '.join(self._previous)} from {self.path}")
+        self._previous = []
         if is_dist():
             dist.barrier()
 

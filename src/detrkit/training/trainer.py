@@ -108,6 +108,7 @@ class Trainer:
             warning = build.random_backbone_warning(config, self.model.config)
             if warning:
                 self.log(f"WARNING: {warning}")
+            self.run_dir.clear_previous()  # only now: a run refused above destroys nothing
 
     # --- the recipe ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:

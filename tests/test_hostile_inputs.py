@@ -1,0 +1,269 @@
+"""Input a hostile (or hurried) user gives: each case ends in the right result or in one line that
+names the option, file or value and the reason, with exit status 2 -- and nothing already done is
+lost: no earlier run, result or output file is replaced by a command that then fails."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import detrkit
+import detrkit.cli
+from conftest import TINY_MODEL, shapes_config, tiny
+from detrkit.checkpoints.io import CheckpointError
+from detrkit.data import SynthConfig, write_synthetic
+from detrkit.errors import ConfigError
+from detrkit.training.config import TrainConfig, build_config
+from detrkit.training.run_dir import LAST
+from detrkit.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    torch.manual_seed(0)
+    detrkit.save_model(detrkit.build_model(shapes_config()), root / "model.safetensors")
+    data = write_synthetic(root / "data", SynthConfig(images=2, seed=0, min_size=64, max_size=80), {"val": 2})
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train": {"loss": 1.0}}) + "\n")
+    (root / "clip.mp4").write_bytes(b"\x00" * 64)
+    return {
+        "root": root,
+        "model": root / "model.safetensors",
+        "data": data,
+        "image": next((data / "val2017").iterdir()),
+    }
+
+
+def run_cli(argv, capsys):
+    try:
+        code = detrkit.cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+CASES = {
+    "query groups beyond memory": (
+        ["train", "--query-groups", "10000000"],
+        "query_groups=10000000: must be in [1, 64]",
+    ),
+    "denoising groups beyond memory": (["train", "--denoising-groups", "1000000"], "must be in [0, 100]"),
+    "queries beyond memory": (
+        ["train", "--set", "model.num_queries=300000000"],
+        "num_queries=300000000: must be at most",
+    ),
+    "synthetic images beyond memory": (
+        ["synth", "--out", "{tmp}/s", "--min-size", "13500", "--max-size", "13500"],
+        "max_size <= 4096",
+    ),
+    "an image scale that leaves no image": (
+        ["train", "--image-scale", "0.0001"],
+        "image_scale=0.0001: must be in [0.04, 10]",
+    ),
+    "a negative loss weight": (
+        ["train", "--set", "model.bbox_loss_coef=-1"],
+        "bbox_loss_coef=-1.0: must be 0 or more",
+    ),
+    "a matcher without costs": (
+        [
+            "train",
+            "--set",
+            "model.set_cost_class=0",
+            "--set",
+            "model.set_cost_bbox=0",
+            "--set",
+            "model.set_cost_giou=0",
+        ],
+        "at least one of its three costs",
+    ),
+    "class names as an option": (
+        ["train", "--set", 'model.class_names=["a", "b"]'],
+        "model.class_names: a run's classes come from its dataset's categories",
+    ),
+    "a GPU that is not there": (["train", "--device", "cuda:7"], "device 'cuda:7': this machine has"),
+    "a device name of another tool": (
+        ["predict", "{image}", "--weights", "{model}", "--out", "{tmp}/p", "--device", "gpu"],
+        "device 'gpu': expected auto",
+    ),
+    "a mistyped device index": (
+        ["eval", "--weights", "{model}", "--data", "{data}", "--device", "cuda:7x"],
+        "device 'cuda:7x': expected",
+    ),
+    "a device for serve": (["serve", "--weights", "{model}", "--device", "gpu"], "device 'gpu': expected"),
+    "a preset on resume": (
+        ["train", "--resume", "--preset", "cpu-tiny", "--output-dir", "{tmp}/r"],
+        "--preset only starts a new run",
+    ),
+    "an opset onnx cannot write": (
+        ["export", "--weights", "{model}", "--out", "{tmp}/m.onnx", "--opset", "99"],
+        "opset=99: this onnx",
+    ),
+    "explain into a JPEG name": (
+        ["explain", "{image}", "--weights", "{model}", "--out", "{tmp}/x.jpg"],
+        "name it *.png",
+    ),
+    "plot into a JPEG name": (["plot", "{run}", "--out", "{tmp}/c.jpg"], "name it *.png"),
+    "semantic masks of a box model": (
+        ["predict", "{image}", "--weights", "{model}", "--out", "{tmp}/p", "--segmentation", "semantic"],
+        "--segmentation semantic: segmentation='semantic' needs a model with a mask head",
+    ),
+}
+if NO_MPS:
+    CASES["MPS on a machine without it"] = (
+        ["explain", "{image}", "--weights", "{model}", "--out", "{tmp}/x.png", "--device", "mps"],
+        "MPS (Apple GPUs) is not available",
+    )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_values_are_refused_in_one_line_before_any_work(name, files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def not_refused(self):
+        raise AssertionError("the command was not refused: it started training")
+
+    monkeypatch.setattr(Trainer, "fit", not_refused)
+    argv, message = CASES[name]
+    paths = {
+        "tmp": tmp_path / "out",
+        "model": files["model"],
+        "data": files["data"],
+        "image": files["image"],
+        "run": files["root"] / "run",
+    }
+    code, out, err = run_cli([a.format(**paths) for a in argv], capsys)
+    assert code == 2, out + err
+    assert message in err and "Traceback" not in out + err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*")), (
+        "a refused command wrote files"
+    )
+
+
+def test_numbers_written_as_yaml_1_1_reads_them_are_numbers(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-4\nlr_backbone: 3E-5\nweight_decay: .5e-4\nmodel:\n  dropout: 1e-1\n")
+    cfg = build_config(config_file=config)
+    assert (cfg.lr, cfg.lr_backbone, cfg.weight_decay) == (1e-4, 3e-5, 5e-5)
+    with pytest.raises(ConfigError, match="TrainConfig.lr='1e-4x': expected float"):
+        TrainConfig(lr="1e-4x")
+
+
+def test_overwrite_destroys_nothing_when_the_new_run_is_refused(tmp_path, data_root, capsys):
+    Trainer(tiny(tmp_path, data_root, epochs=1), log=lambda m: None).fit()
+    before = (tmp_path / "run" / LAST).read_bytes()
+    argv = ["train", "--data", tmp_path / "typo", "--output-dir", tmp_path / "run", "--overwrite"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "no annotations for split" in err
+    assert (tmp_path / "run" / LAST).read_bytes() == before
+
+
+def test_a_predict_run_whose_every_image_fails_keeps_the_earlier_results(files, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert (
+        run_cli(
+            ["predict", files["image"], "--weights", files["model"], "--out", out, "--threshold", "0"], capsys
+        )[0]
+        == 0
+    )
+    earlier = (out / "results.json").read_bytes()
+    assert json.loads(earlier)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    code, stdout, _ = run_cli(["predict", broken, "--weights", files["model"], "--out", out], capsys)
+    assert code == 1 and "nothing written" in stdout
+    assert (out / "results.json").read_bytes() == earlier
+
+
+def test_eval_keeps_earlier_results_and_checks_out_before_evaluating(files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", "--weights", files["model"], "--data", files["data"], "--num-workers", "0", "--out"]
+    assert run_cli([*args, out], capsys)[0] == 0
+    earlier = (out / "results.json").read_bytes()
+    code, _, err = run_cli([*args, out], capsys)
+    assert code == 2 and "pass --overwrite" in err
+    assert (out / "results.json").read_bytes() == earlier
+    assert run_cli([*args, out, "--overwrite"], capsys)[0] == 0
+    code, stdout, err = run_cli([*args, files["model"].parent / "run" / "metrics.jsonl"], capsys)
+    assert (
+        code == 2 and "is a file; expected a folder" in err and "images)" not in stdout
+    )  # refused before evaluating
+
+
+def test_resume_refuses_init_from_and_applies_a_config_file(tmp_path, data_root, capsys):
+    cfg = tiny(tmp_path, data_root, epochs=1, eval_every=0)
+    Trainer(cfg, log=lambda m: None).fit()
+    with pytest.raises(ConfigError, match="--init-from other.pth would be ignored"):
+        Trainer(TrainConfig(output_dir=cfg.output_dir), resume=True, overrides={"init_from": "other.pth"})
+    more = tmp_path / "more.yaml"
+    more.write_text(f"output_dir: {cfg.output_dir}\nepochs: 2\n")
+    code, out, err = run_cli(["train", "--resume", "--config", more], capsys)
+    assert code == 0, err
+    assert "resume: epochs 1 -> 2" in out
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+def test_a_category_id_beyond_int64_is_refused():
+    with pytest.raises(
+        ConfigError, match=r"DetrConfig.category_ids=\(1180591620717411303424,\): ids must be in"
+    ):
+        detrkit.DetrConfig(num_classes=1, category_ids=(2**70,))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    model = detrkit.build_model(detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 3}))
+    with torch.no_grad():
+        model.class_embed.weight[0, 0] = math.nan
+    detrkit.save_model(model, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="class_embed.weight hold NaN or infinite values"):
+        detrkit.load_model(tmp_path / "nan.safetensors")
+
+
+@pytest.mark.parametrize(
+    "image,threshold,message",
+    [
+        (np.zeros((0, 0, 3), np.uint8), 0.5, "numpy image of size 0x0"),
+        (torch.zeros(3, 0, 5), 0.5, "tensor image of size 0x5"),
+        (torch.full((3, 16, 16), math.nan), 0.5, "holds NaN"),
+        (torch.rand(3, 16, 16) * 255, 0.5, "must be in [0, 1], got values in"),
+        (torch.rand(3, 16, 16), math.nan, "threshold=nan: a score threshold must be a number in [0, 1]"),
+        (torch.rand(3, 16, 16), 1.5, "threshold=1.5"),
+    ],
+)
+def test_detector_refuses_images_and_thresholds_it_would_get_wrong(files, image, threshold, message):
+    detector = detrkit.Detector.from_pretrained(files["model"], device="cpu")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+        detector.predict(image, threshold)
+
+
+def test_a_missing_extra_names_its_install_line(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed: `import av` fails
+    code, _, err = run_cli(
+        ["predict", files["root"] / "clip.mp4", "--weights", files["model"], "--out", tmp_path / "p"], capsys
+    )
+    assert code == 2 and "video input needs the video extra: pip install 'detrkit[video]'" in err
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    monkeypatch.delitem(sys.modules, "detrkit.inference.serve", raising=False)
+    code, _, err = run_cli(["serve", "--weights", files["model"]], capsys)
+    assert code == 2 and "pip install 'detrkit[serve]'" in err
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_are_named(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    config = detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 3, "pretrained_backbone": True})
+    with pytest.raises(ConfigError, match="ImageNet weights of resnet18 could not be downloaded"):
+        detrkit.build_model(config)
