@@ -196,3 +196,27 @@ def test_unreadable_images_count_as_images_without_detections(gt):
         reference.summarize()
     for name, value in zip(STAT_NAMES, reference.stats):
         assert ours[f"bbox/{name}"] == pytest.approx(value, abs=1e-4), name
+
+
+def test_ground_truth_without_area_gets_cocos_areas():
+    # One 40x40 box (medium: 32^2 < 1600 < 96^2) and one 20x10 polygon (small), found exactly: without
+    # areas, both would count as small (area 0) and APm would be -1 ("no medium object").
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "iscrowd": 0},
+            {
+                "id": 2, "image_id": 1, "category_id": 1, "bbox": [60, 60, 20, 10], "iscrowd": 0,
+                "segmentation": [[60, 60, 80, 60, 80, 70, 60, 70]],
+            },
+        ],
+    }  # fmt: skip
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 80.0, 70.0]])
+    evaluator.update(
+        [1], [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 0])}]
+    )
+    metrics = evaluator.summarize()
+    assert metrics["bbox/APm"] == pytest.approx(1.0) and metrics["bbox/APs"] == pytest.approx(1.0)
+    assert "area" not in gt["annotations"][0]  # the caller's ground truth is left as it was

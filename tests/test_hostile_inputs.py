@@ -267,3 +267,21 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_named(monkeypatch):
     config = detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 3, "pretrained_backbone": True})
     with pytest.raises(ConfigError, match="ImageNet weights of resnet18 could not be downloaded"):
         detrkit.build_model(config)
+
+
+def test_another_synthetic_dataset_is_written_anew_not_reused(tmp_path):
+    from detrkit.data.synthetic import ensure_synthetic
+
+    small = SynthConfig(images=2, seed=0, min_size=64, max_size=64)
+    assert ensure_synthetic(tmp_path, small, {"train": 2, "val": 1})
+    assert not ensure_synthetic(tmp_path, small, {"train": 2, "val": 1})  # the same one: reused
+    assert ensure_synthetic(tmp_path, small, {"train": 3, "val": 1})  # more images: written
+    images = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())["images"]
+    assert len(images) == 3
+
+
+def test_a_model_option_that_is_not_a_mapping_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: 5\n")
+    with pytest.raises(ConfigError, match="TrainConfig.model=5: expected dict"):
+        build_config(config_file=config)

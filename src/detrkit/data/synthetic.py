@@ -15,6 +15,8 @@ The files written are laid out like COCO 2017, so every loader treats them as CO
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -284,7 +286,16 @@ def ensure_synthetic(root: str | os.PathLike, config: SynthConfig, splits: dict[
     (written last, so their presence means a complete dataset); True when it was written now."""
     root = Path(root)
     last = list(splits)[-1]
-    if (root / "annotations" / f"instances_{last}2017.json").exists():
-        return False
+    # What was written, and with what: a dataset of other images (another count, seed or class
+    # set) is written anew, never silently reused.
+    recipe = {"config": dataclasses.asdict(config), "splits": splits}
+    marker = root / "synthetic.json"
+    if (root / "annotations" / f"instances_{last}2017.json").exists() and marker.exists():
+        try:
+            if json.loads(marker.read_text()) == json.loads(json.dumps(recipe)):
+                return False
+        except ValueError:
+            pass
     write_synthetic(root, config, splits)
+    write_json_atomic(marker, recipe)
     return True

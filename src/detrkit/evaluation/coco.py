@@ -71,6 +71,35 @@ def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     return [{"size": list(r["size"]), "counts": r["counts"].decode("ascii")} for r in rles]
 
 
+def with_areas(ground_truth: dict[str, Any]) -> dict[str, Any]:
+    """``ground_truth`` with an ``area`` for every annotation that lacks one, as COCO's own files
+    have it: the area of the mask (polygons or RLE), else of the box. Without it, COCO evaluation
+    would count every such object as small (area 0)."""
+    missing = [a for a in ground_truth.get("annotations", []) if "area" not in a]
+    if not missing:
+        return ground_truth
+    from pycocotools import mask as mask_utils
+
+    sizes = {img["id"]: (img["height"], img["width"]) for img in ground_truth.get("images", [])}
+    annotations = []
+    for ann in ground_truth["annotations"]:
+        if "area" not in ann:
+            ann = dict(ann)
+            segmentation, size = ann.get("segmentation"), sizes.get(ann.get("image_id"))
+            if segmentation and size is not None:
+                rles = (
+                    mask_utils.frPyObjects(segmentation, *size)
+                    if isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list)
+                    else segmentation
+                )
+                ann["area"] = float(mask_utils.area(mask_utils.merge(rles) if isinstance(rles, list) else rles))
+            else:
+                _, _, w, h = ann["bbox"]
+                ann["area"] = float(w * h)
+        annotations.append(ann)
+    return {**ground_truth, "annotations": annotations}
+
+
 class CocoEvaluator:
     """Accumulates COCO results over a dataset (and over processes) and computes AP.
 
@@ -118,7 +147,7 @@ class CocoEvaluator:
 
         metrics: dict[str, float] = {}
         with contextlib.redirect_stdout(io.StringIO()):
-            gt = COCO(self.ground_truth)
+            gt = COCO(with_areas(self.ground_truth))
         for iou_type in self.iou_types:
             if not self.results:
                 metrics.update({f"{iou_type}/{n}": 0.0 for n in STAT_NAMES})

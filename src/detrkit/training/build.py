@@ -75,9 +75,8 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
                 cfg.val_split.removesuffix("2017"): max(8, cfg.synth_images // 4),
             }
             synth = SynthConfig(images=cfg.synth_images, seed=cfg.seed, shapes=cfg.synth_shapes)
-            if not (root / "annotations" / f"instances_{cfg.val_split}.json").exists():
-                log(f"writing the synthetic dataset ({cfg.synth_images} training images) to {root}")
-                ensure_synthetic(root, synth, splits)
+            if ensure_synthetic(root, synth, splits):
+                log(f"wrote the synthetic dataset ({cfg.synth_images} training images) to {root}")
         if is_dist():
             dist.barrier()
     else:

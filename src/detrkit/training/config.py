@@ -315,7 +315,8 @@ def build_config(
     data = merge(data, chosen)
     # A preset's training aids are for detection: a mask or panoptic run of the preset trains
     # without them (an explicit query_groups/denoising_groups with masks is still refused, by validate).
-    if data.get("panoptic") or data.get("model", {}).get("masks"):
+    model = data.get("model", {})
+    if data.get("panoptic") or (isinstance(model, dict) and model.get("masks")):
         for name in ("query_groups", "denoising_groups"):
             if name not in chosen:
                 data.pop(name, None)
