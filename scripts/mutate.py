@@ -11,7 +11,7 @@ The mutants are made in a copy of the checkout (the files git knows), never in t
     python scripts/mutate.py --base v0.1.0 --max-mutants 80 --tests tests/test_training.py
 
 The tests for a module are the test files that import it or name one of its public definitions
-(``--tests`` overrides). Each run stops at the first failure (``-x``) and is cut after
+(``--tests`` overrides); a mutant they miss is run against the whole suite before it is listed. Each run stops at the first failure (``-x``) and is cut after
 ``--timeout`` seconds (counted as caught: a fault that hangs the suite is noticed). Not part of
 CI: it runs the tests once per mutant.
 """
@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "detrkit"
+ALL_TESTS = sorted((ROOT / "tests").glob("test_*.py"))
 
 # (name, pattern, replacement): each applied to one occurrence at a time.
 OPERATORS = [
@@ -169,12 +170,13 @@ def tests_for(path: Path) -> list[Path]:
         for node in tree.body
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
     }
+    everything = sorted((ROOT / "tests").glob("test_*.py"))
     chosen = []
-    for test in sorted((ROOT / "tests").glob("test_*.py")):
+    for test in everything:
         text = test.read_text()
         if module in text or any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
             chosen.append(test)
-    return chosen
+    return chosen or everything  # a leaf no test names directly is exercised through the others
 
 
 def copy_checkout(into: Path) -> Path:
@@ -247,9 +249,21 @@ def main(argv: list[str] | None = None) -> int:
                 survived, seconds = run_tests(copy, [copy / t.relative_to(ROOT) for t in tests], args.timeout)
             finally:
                 target.write_text(original)
+            if survived and not args.tests and len(tests) < len(ALL_TESTS):
+                # The module's own test files missed it: does any test of the suite catch it?
+                target.write_text("".join(lines))
+                try:
+                    survived, more = run_tests(
+                        copy, [copy / t.relative_to(ROOT) for t in ALL_TESTS], args.timeout
+                    )
+                finally:
+                    target.write_text(original)
+                seconds += more
+                tests = ALL_TESTS
             status = "SURVIVED" if survived else "caught"
             print(
-                f"[{i}/{len(mutants)}] {status} {where}: {m.what} ({len(tests)} test files, {seconds:.0f}s)",
+                f"[{i}/{len(mutants)}] {status} {where}: {m.what}: {m.text.strip()} "
+                f"({len(tests)} test files, {seconds:.0f}s)",
                 flush=True,
             )
             if survived:
