@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     args = parser.parse_args(argv)
+    # A plain `kill` ends the run like Ctrl-C: the temporary copy is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     mutants = [m for path, lines in changed_lines(args.base).items() for m in mutants_of(path, lines)]
     if len(mutants) > args.max_mutants:
