@@ -8,21 +8,31 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from . import convert, data, evaluate, explain, export, info, plot, predict, serve, synth, train
+from .convert import add_parser as add_convert
+from .data import add_parser as add_data
+from .evaluate import add_parser as add_evaluate
+from .explain import add_parser as add_explain
+from .export import add_parser as add_export
+from .info import add_parser as add_info
+from .plot import add_parser as add_plot
+from .predict import add_parser as add_predict
+from .serve import add_parser as add_serve
+from .synth import add_parser as add_synth
+from .train import add_parser as add_train
 
 # In the order ``detrkit --help`` lists them.
 PARSERS = (
-    convert.add_parser,
-    train.add_parser,
-    evaluate.add_parser,
-    predict.add_parser,
-    explain.add_parser,
-    export.add_parser,
-    serve.add_parser,
-    plot.add_parser,
-    synth.add_parser,
-    data.add_parser,
-    info.add_parser,
+    add_convert,
+    add_train,
+    add_evaluate,
+    add_predict,
+    add_explain,
+    add_export,
+    add_serve,
+    add_plot,
+    add_synth,
+    add_data,
+    add_info,
 )
 
 
