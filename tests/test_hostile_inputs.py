@@ -285,3 +285,14 @@ def test_a_model_option_that_is_not_a_mapping_is_refused(tmp_path):
     config.write_text("model: 5\n")
     with pytest.raises(ConfigError, match="TrainConfig.model=5: expected dict"):
         build_config(config_file=config)
+
+
+def test_broken_links_in_a_folder_are_named_and_counted(files, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(files["image"].read_bytes())
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    code, out, err = run_cli(["predict", folder, "--weights", files["model"], "--out", tmp_path / "p"], capsys)
+    assert code == 1 and "1 images" in out and "2 failed" in out
+    assert "gone.jpg: a symbolic link to nothing readable" in err and "loop.jpg" in err

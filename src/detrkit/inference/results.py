@@ -46,11 +46,17 @@ def collect_inputs(
         path = Path(source)
         if path.is_dir():
             top = Path(path.resolve().name or "root")  # "." and ".." name their real folder
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            for file in sorted(path.rglob("*")):
+                if file.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                    continue
+                if file.is_symlink() and not file.is_file():  # dangling, or a loop
+                    missing.append((str(file), "a symbolic link to nothing readable"))
+                    continue
+                if not file.is_file():
+                    continue
                 if exclude is not None and file.resolve().is_relative_to(exclude):
                     continue
-                if file.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                    found.append((file, top / file.relative_to(path).with_suffix("")))
+                found.append((file, top / file.relative_to(path).with_suffix("")))
         elif path.is_file():
             found.append((path, Path(path.stem)))
         else:
