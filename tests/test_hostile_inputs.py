@@ -293,6 +293,26 @@ def test_broken_links_in_a_folder_are_named_and_counted(files, tmp_path, capsys)
     (folder / "good.jpg").write_bytes(files["image"].read_bytes())
     (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
-    code, out, err = run_cli(["predict", folder, "--weights", files["model"], "--out", tmp_path / "p"], capsys)
+    code, out, err = run_cli(
+        ["predict", folder, "--weights", files["model"], "--out", tmp_path / "p"], capsys
+    )
     assert code == 1 and "1 images" in out and "2 failed" in out
     assert "gone.jpg: a symbolic link to nothing readable" in err and "loop.jpg" in err
+
+
+def test_eval_warns_when_the_dataset_names_the_models_classes_otherwise(files, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "renamed"
+    shutil.copytree(files["data"], data)
+    ann = data / "annotations" / "instances_val2017.json"
+    content = json.loads(ann.read_text())
+    for category in content["categories"]:
+        if category["id"] == 2:
+            category["name"] = "circle"  # the model calls id 2 "ellipse"
+    ann.write_text(json.dumps(content))
+    code, _, err = run_cli(
+        ["eval", "--weights", files["model"], "--data", data, "--num-workers", "0"], capsys
+    )
+    assert code == 0
+    assert "name 1 category id(s) differently (model / dataset): 2: 'ellipse' / 'circle'" in err

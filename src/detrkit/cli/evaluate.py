@@ -40,7 +40,13 @@ def run(args: argparse.Namespace) -> int:
     from ..data.transforms import TransformConfig, eval_transforms
     from ..distributed import pick_device
     from ..evaluation.coco import CocoEvaluator, format_metrics
-    from ..evaluation.loop import annotation_categories, build_evaluator, evaluate, model_category_map
+    from ..evaluation.loop import (
+        annotation_categories,
+        build_evaluator,
+        evaluate,
+        model_category_map,
+        name_clashes,
+    )
     from ..fileio import check_output, write_json_atomic
 
     if args.out is not None:
@@ -68,6 +74,14 @@ def run(args: argparse.Namespace) -> int:
         ann, images = resolve_split(root, split)
         cmap = model_category_map(model.config, annotation_categories(ann))
         dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)
+    clashes = name_clashes(cmap, annotation_categories(ann))
+    if clashes:
+        print(
+            f"WARNING: the model and {ann} name {len(clashes)} category id(s) differently (model / dataset): "
+            + ", ".join(clashes[:5])
+            + (" ..." if len(clashes) > 5 else ""),
+            file=sys.stderr,
+        )
     # The model may predict categories the file does not list: take theirs from the model.
     known = dict(zip(model.config.label_ids, model.config.is_thing))
     evaluator = build_evaluator(dataset, model.config.masks, known_isthing=known)

@@ -92,7 +92,9 @@ def with_areas(ground_truth: dict[str, Any]) -> dict[str, Any]:
                     if isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list)
                     else segmentation
                 )
-                ann["area"] = float(mask_utils.area(mask_utils.merge(rles) if isinstance(rles, list) else rles))
+                ann["area"] = float(
+                    mask_utils.area(mask_utils.merge(rles) if isinstance(rles, list) else rles)
+                )
             else:
                 _, _, w, h = ann["bbox"]
                 ann["area"] = float(w * h)

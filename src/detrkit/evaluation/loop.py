@@ -118,6 +118,17 @@ def annotation_categories(path) -> list[dict]:
     return categories
 
 
+def name_clashes(category_map: CategoryMap, dataset_categories: list[dict]) -> list[str]:
+    """The category ids that the model and the dataset name differently (``"3: 'cat' / 'dog'"``):
+    scores would be computed, but against other classes than the model's names say."""
+    names = {int(c["id"]): c.get("name") for c in dataset_categories}
+    return [
+        f"{i}: {n!r} / {names[i]!r}"
+        for i, n in zip(category_map.category_ids, category_map.names)
+        if i in names and names[i] is not None and names[i] != n
+    ]
+
+
 def model_category_map(config: DetrConfig, dataset_categories: list[dict]) -> CategoryMap:
     """The label space a model predicts in, as dataset category ids."""
     if config.category_ids is not None:
