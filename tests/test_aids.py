@@ -349,7 +349,6 @@ def test_denoising_losses_are_normalised_by_the_true_box_count_also_with_query_g
 
 def test_the_per_step_schedule_counts_optimizer_steps_with_gradient_accumulation_and_max_steps(tmp_path):
     from conftest import tiny
-
     from detrkit.data import SynthConfig, write_synthetic
 
     root = write_synthetic(

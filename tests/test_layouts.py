@@ -5,9 +5,9 @@ an `annotations.json` + `images/` folder per split."""
 import shutil
 
 import pytest
-from conftest import tiny
 
 import detrkit.cli
+from conftest import tiny
 from detrkit.data.coco import DatasetError
 from detrkit.data.layout import resolve_split
 from detrkit.training.trainer import Trainer
