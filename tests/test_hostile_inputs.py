@@ -316,3 +316,24 @@ def test_eval_warns_when_the_dataset_names_the_models_classes_otherwise(files, t
     )
     assert code == 0
     assert "name 1 category id(s) differently (model / dataset): 2: 'ellipse' / 'circle'" in err
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("backbone_config", "resnet", "config.json: a field has a type transformers does not write"),
+        ("backbone_kwargs", [1], "config.json: a field has a type transformers does not write"),
+        ("eos_coefficient", None, "config.json: a field has a type transformers does not write"),
+        ("id2label", {"0": "a", "1": "b", "2": "c", "7": "d"}, "id2label must name the labels 0 to N-1"),
+    ],
+)
+def test_a_transformers_config_with_fields_of_other_types_is_named(tmp_path, field, value, message):
+    from conftest import tiny_config
+
+    detrkit.save_model(detrkit.build_model(tiny_config()), tmp_path / "hf", "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.pop("detrkit_config")
+    config[field] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        detrkit.load_model(tmp_path / "hf")

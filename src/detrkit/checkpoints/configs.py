@@ -174,6 +174,13 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             fields[ours] = float(hf[theirs])
     id2label = hf.get("id2label")
     if id2label:
+        in_turn = [str(i) for i in range(len(id2label))]
+        if not isinstance(id2label, dict) or sorted(id2label, key=int) != in_turn:
+            keys = sorted(id2label, key=int) if isinstance(id2label, dict) else id2label
+            raise ValueError(
+                f"config.json: id2label must name the labels 0 to N-1 in turn, got keys {keys}: "
+                "a label would take another's name"
+            )
         fields["class_names"] = tuple(id2label[k] for k in sorted(id2label, key=int))
     return fields
 

@@ -187,6 +187,10 @@ def _read_hf_dir(path: Path) -> tuple[StateDict, dict[str, Any]]:
         known = config_from_hf(hf)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, AttributeError, KeyError) as e:  # a field of another type than transformers writes
+        raise CheckpointError(
+            f"{path / 'config.json'}: a field has a type transformers does not write ({e!r})"
+        ) from None
     if isinstance(hf.get("detrkit_config"), dict):
         known.update(hf["detrkit_config"])  # written by detrkit: lossless round trip
     return _from_layout(state_dict, path), known
