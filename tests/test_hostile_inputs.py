@@ -337,3 +337,13 @@ def test_a_transformers_config_with_fields_of_other_types_is_named(tmp_path, fie
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         detrkit.load_model(tmp_path / "hf")
+
+
+def test_training_without_one_readable_validation_image_is_refused_before_it_starts(tmp_path):
+    data = write_synthetic(
+        tmp_path / "d", SynthConfig(images=4, seed=0, min_size=64, max_size=64), {"train": 4, "val": 2}
+    )
+    for image in (data / "val2017").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(detrkit.data.DatasetError, match=r"none of the 2 validation images of .* can be read"):
+        Trainer(tiny(tmp_path, data, epochs=1), log=lambda m: None)

@@ -650,8 +650,8 @@ def test_instances_json_as_data_finds_its_images_and_a_run_without_images_stops(
     assert any("used for training and validation alike" in m for m in messages)
     assert trainer.fit()["images"] == 8
 
-    # The same file away from its images: no image loads, so the run stops with a clear error,
-    # without training epochs of nothing and without a "best" checkpoint.
+    # The same file away from its images: no image loads, so the run is refused before it trains
+    # (no validation image can be read), without epochs of nothing and without a "best" checkpoint.
     lonely = tmp_path / "lonely" / "instances_train2017.json"
     lonely.parent.mkdir()
     lonely.write_bytes(ann.read_bytes())
@@ -661,8 +661,18 @@ def test_instances_json_as_data_finds_its_images_and_a_run_without_images_stops(
     args += sum((["--set", f"model.{k}={json.dumps(v)}"] for k, v in TINY_MODEL.items()), [])
     assert detrkit.cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "no training image could be loaded in epoch 1" in err and "Traceback" not in err
+    assert "none of the 8 validation images" in err and "Traceback" not in err
     assert not (out / BEST).exists()
+    # Training images that all fail to load, with readable validation images: the first epoch stops it.
+    broken = tmp_path / "broken"
+    shutil.copytree(data_root, broken)
+    for image in (broken / "train2017").iterdir():
+        image.write_bytes(b"not an image")
+    args[args.index("--data") + 1], args[args.index("--output-dir") + 1] = str(broken), str(tmp_path / "b")
+    assert detrkit.cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no training image could be loaded in epoch 1" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / BEST).exists()
 
 
 def test_overwrite_never_deletes_the_checkpoint_it_starts_from(tmp_path, data_root):

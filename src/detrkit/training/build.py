@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..amp import resolve_amp
 from ..checkpoints.io import load_model
-from ..data.coco import CocoDetection
+from ..data.coco import CocoDetection, DatasetError
 from ..data.collate import AspectRatioBatchSampler, ShardSampler, collate
+from ..data.images import ImageLoadError, load_image
 from ..data.layout import resolve_panoptic, resolve_split
 from ..data.panoptic import CocoPanoptic
 from ..data.synthetic import SynthConfig, ensure_synthetic, synthetic_root
@@ -93,6 +94,7 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
             f"data: {len(train)} training images ({train_ann}), {len(val)} validation images, "
             f"{train.category_map.num_classes} classes ({len(train.stuff_ids)} stuff)"
         )
+        check_some_image_loads(val, "validation")
         return Datasets(train, val, lambda: train)
     train_ann, train_dir = resolve_split(root, cfg.train_split)
     val_ann, val_dir = resolve_split(root, cfg.val_split)
@@ -110,6 +112,7 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
         f"data: {len(train)} training images ({train_ann}), {len(val)} validation images ({val_ann}), "
         f"{train.category_map.num_classes} classes"
     )
+    check_some_image_loads(val, "validation")
     # The dense backbone pretraining needs the masks even when DETR itself does not.
     return Datasets(
         train,
@@ -117,6 +120,23 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
         lambda: CocoDetection(
             train_dir, train_ann, augmentation, masks=True, category_map=train.category_map
         ),
+    )
+
+
+def check_some_image_loads(dataset: CocoDetection | CocoPanoptic, what: str) -> None:
+    """Refuse a split none of whose images can be read (a wrong folder, a broken export): its
+    metrics would be those of an empty set. Reads images until one loads: one, when all is well."""
+    if dataset.image_dir is None:
+        return
+    for image in dataset.data["images"]:
+        try:
+            load_image(dataset.image_dir / image["file_name"])
+            return
+        except ImageLoadError:
+            continue
+    raise DatasetError(
+        f"none of the {len(dataset.data['images'])} {what} images of {dataset.source} can be read from "
+        f"{dataset.image_dir}: check the image folder"
     )
 
 
