@@ -220,3 +220,25 @@ def test_ground_truth_without_area_gets_cocos_areas():
     metrics = evaluator.summarize()
     assert metrics["bbox/APm"] == pytest.approx(1.0) and metrics["bbox/APs"] == pytest.approx(1.0)
     assert "area" not in gt["annotations"][0]  # the caller's ground truth is left as it was
+
+
+def test_ground_truth_without_bbox_is_scored_by_its_mask():
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [[10, 10, 50, 10, 50, 50, 10, 50]],
+            },
+            {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0},  # neither box nor mask: left out
+        ],
+    }
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    box = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
+    evaluator.update([1], [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}])
+    metrics = evaluator.summarize()
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["bbox/APm"] == pytest.approx(1.0)

@@ -72,32 +72,35 @@ def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
 
 
 def with_areas(ground_truth: dict[str, Any]) -> dict[str, Any]:
-    """``ground_truth`` with an ``area`` for every annotation that lacks one, as COCO's own files
-    have it: the area of the mask (polygons or RLE), else of the box. Without it, COCO evaluation
-    would count every such object as small (area 0)."""
-    missing = [a for a in ground_truth.get("annotations", []) if "area" not in a]
-    if not missing:
+    """``ground_truth`` completed as COCO's own files have it: every annotation with a ``bbox`` (from
+    its mask where it has none; one with neither is left out, as the dataset drops it) and an
+    ``area`` (of the mask, else of the box). Without them COCO evaluation fails, or counts every
+    such object as small (area 0)."""
+    incomplete = [a for a in ground_truth.get("annotations", []) if "area" not in a or "bbox" not in a]
+    if not incomplete:
         return ground_truth
     from pycocotools import mask as mask_utils
 
     sizes = {img["id"]: (img["height"], img["width"]) for img in ground_truth.get("images", [])}
     annotations = []
     for ann in ground_truth["annotations"]:
+        if "area" in ann and "bbox" in ann:
+            annotations.append(ann)
+            continue
+        ann = dict(ann)
+        segmentation, size = ann.get("segmentation"), sizes.get(ann.get("image_id"))
+        rle = None
+        if segmentation and size is not None:
+            polygons = isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list)
+            rles = mask_utils.frPyObjects(segmentation, *size) if polygons else segmentation
+            rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
+        if "bbox" not in ann:
+            if rle is None:
+                continue  # no box, no mask: nothing to score it by
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
         if "area" not in ann:
-            ann = dict(ann)
-            segmentation, size = ann.get("segmentation"), sizes.get(ann.get("image_id"))
-            if segmentation and size is not None:
-                rles = (
-                    mask_utils.frPyObjects(segmentation, *size)
-                    if isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list)
-                    else segmentation
-                )
-                ann["area"] = float(
-                    mask_utils.area(mask_utils.merge(rles) if isinstance(rles, list) else rles)
-                )
-            else:
-                _, _, w, h = ann["bbox"]
-                ann["area"] = float(w * h)
+            _, _, w, h = ann["bbox"]
+            ann["area"] = float(mask_utils.area(rle)) if rle is not None else float(w * h)
         annotations.append(ann)
     return {**ground_truth, "annotations": annotations}
 
