@@ -347,3 +347,18 @@ def test_training_without_one_readable_validation_image_is_refused_before_it_sta
         image.write_bytes(b"not an image")
     with pytest.raises(detrkit.data.DatasetError, match=r"none of the 2 validation images of .* can be read"):
         Trainer(tiny(tmp_path, data, epochs=1), log=lambda m: None)
+
+
+def test_fine_tuning_boxes_from_a_mask_model_leaves_its_mask_head_out(tmp_path, data_root):
+    source = detrkit.build_model(
+        detrkit.DetrConfig(**{**TINY_MODEL, "d_model": 64, "nheads": 8, "num_classes": 4, "masks": True})
+    )
+    detrkit.save_model(source, tmp_path / "masks.safetensors")
+    messages = []
+    trainer = Trainer(
+        tiny(tmp_path, data_root, epochs=1, model={}, init_from=str(tmp_path / "masks.safetensors")),
+        log=messages.append,
+    )
+    assert not trainer.model.config.masks
+    assert any("mask head of" in m and "is not trained" in m for m in messages)
+    assert "bbox/AP" in trainer.fit()

@@ -158,6 +158,10 @@ def build_model(cfg: TrainConfig, train_set: CocoDetection | CocoPanoptic, log: 
         base = source.config.to_dict()
         for key in ("class_names", "category_ids", "num_classes", "extra"):
             base.pop(key)
+        if base.get("masks") and not cfg.panoptic and "masks" not in fields:
+            # Box data (no --masks): the mask head has nothing to learn from; it is left out.
+            base.update(masks=False, stuff_ids=None)
+            log(f"init: the mask head of {cfg.init_from} is not trained (give --masks to train it too)")
         fields = {**base, **fields}
     if cfg.freeze_backbone:
         fields["train_backbone"] = False
