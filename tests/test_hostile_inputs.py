@@ -12,7 +12,7 @@ import torch
 
 import detrkit
 import detrkit.cli
-from conftest import TINY_MODEL, shapes_config, tiny
+from conftest import TINY_MODEL, require, shapes_config, tiny
 from detrkit.checkpoints.io import CheckpointError
 from detrkit.data import SynthConfig, write_synthetic
 from detrkit.errors import ConfigError
@@ -362,3 +362,33 @@ def test_fine_tuning_boxes_from_a_mask_model_leaves_its_mask_head_out(tmp_path, 
     assert not trainer.model.config.masks
     assert any("mask head of" in m and "is not trained" in m for m in messages)
     assert "bbox/AP" in trainer.fit()
+
+
+def test_a_video_too_thin_to_encode_is_named_and_skipped(files, tmp_path, capsys):
+    av = require("av")
+    thin = tmp_path / "thin.mkv"
+    with av.open(str(thin), "w") as container:
+        stream = container.add_stream("mjpeg", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 1, 16, "yuvj444p"
+        for _ in range(2):
+            frame = av.VideoFrame.from_ndarray(np.zeros((16, 1, 3), np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    code, out, err = run_cli(
+        ["predict", thin, files["image"], "--weights", files["model"], "--out", tmp_path / "p"], capsys
+    )
+    assert code == 1 and "1 failed" in out
+    assert "a video of 1x16 pixels is too small to encode" in err
+
+
+def test_model_extras_must_be_json_data():
+    with pytest.raises(ConfigError, match="DetrConfig.extra=.*: must be JSON data"):
+        detrkit.DetrConfig(num_classes=2, extra={"when": object()})
+
+
+def test_a_timm_backbone_of_one_fixed_input_size_is_refused():
+    require("timm")
+    with pytest.raises(ConfigError, match="takes images of one fixed size only"):
+        detrkit.DetrConfig(num_classes=2, backbone="timm:swin_tiny_patch4_window7_224")

@@ -32,6 +32,9 @@ def predict_video(
             if not source.streams.video:
                 raise VideoError("no video stream")
             stream_in = source.streams.video[0]
+            if stream_in.codec_context.width < 2 or stream_in.codec_context.height < 2:
+                size = f"{stream_in.codec_context.width}x{stream_in.codec_context.height}"
+                raise VideoError(f"a video of {size} pixels is too small to encode (2x2 at least)")
             stream_out = sink.add_stream("mpeg4", rate=stream_in.average_rate or 25)
             stream_out.width = stream_in.codec_context.width // 2 * 2  # yuv420p needs even sizes
             stream_out.height = stream_in.codec_context.height // 2 * 2

@@ -209,6 +209,10 @@ class DetrConfig:
             raise bad("set_cost_class", "the matcher needs at least one of its three costs above 0")
         if self.category_ids is not None and any(not 0 <= i < 2**63 for i in self.category_ids):
             raise bad("category_ids", "ids must be in [0, 2**63)")
+        try:
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise bad("extra", f"must be JSON data: it is saved with the weights ({e})") from None
         scale = self.extra.get("image_scale", 1.0) if isinstance(self.extra, dict) else 1.0
         if (
             isinstance(scale, bool)
