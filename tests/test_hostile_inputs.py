@@ -4,6 +4,7 @@ lost: no earlier run, result or output file is replaced by a command that then f
 
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -392,3 +393,25 @@ def test_a_timm_backbone_of_one_fixed_input_size_is_refused():
     require("timm")
     with pytest.raises(ConfigError, match="takes images of one fixed size only"):
         detrkit.DetrConfig(num_classes=2, backbone="timm:swin_tiny_patch4_window7_224")
+
+
+@pytest.mark.parametrize("source", ["R/checkpoint..pth", "ab/c--d", "runs/model.pth", "a/-b"])
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(source, tmp_path, monkeypatch):
+    import detrkit.checkpoints.hub as hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "download_hub_repo", lambda *a, **k: pytest.fail("sent to the Hub"))
+    with pytest.raises(CheckpointError, match=f"{re.escape(source)}: no such file or directory"):
+        detrkit.load_model(source)
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", "null"])
+def test_a_detrkit_file_whose_config_is_not_an_object_is_named(files, tmp_path, config):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(files["model"])
+    save_file(state, tmp_path / "odd.safetensors", metadata={"format": "detrkit", "config": config})
+    with pytest.raises(
+        CheckpointError, match="odd.safetensors: detrkit checkpoint whose config is not a JSON object"
+    ):
+        detrkit.load_model(tmp_path / "odd.safetensors")

@@ -132,9 +132,19 @@ HUB_REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+# What the Hub allows in a repository id besides HUB_REPO's characters (huggingface_hub's own
+# validator): no "--" or "..", no leading or trailing "-" or "." in a part, at most 96 characters.
+_NOT_HUB = re.compile(r"--|\.\.|(^|/)[-.]|[-.](/|$|@)")
+# A name ending like a checkpoint file is a mistyped local path, not a repository.
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".json", ".ckpt")
+
+
 def is_hub_id(source: str) -> bool:
     """Whether ``source`` reads as a Hub repository id (a local path of that name wins, checked first)."""
-    return bool(HUB_REPO.match(source))
+    match = HUB_REPO.match(source)
+    if match is None or len(match["repo"]) > 96 or _NOT_HUB.search(match["repo"]):
+        return False
+    return not match["repo"].lower().endswith(_FILE_SUFFIXES)
 
 
 def hub_config(source: str) -> dict[str, Any]:

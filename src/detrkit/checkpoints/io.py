@@ -236,6 +236,8 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[StateDict, dict[str, Any
                 known = json.loads(metadata["config"])
             except (KeyError, ValueError) as e:
                 raise CheckpointError(f"{path}: detrkit checkpoint with a broken config ({e})") from None
+            if not isinstance(known, dict):
+                raise CheckpointError(f"{path}: detrkit checkpoint whose config is not a JSON object")
         return _from_layout(state_dict, path), known
 
     obj = torch_load_safe(path)
