@@ -11,9 +11,10 @@ The mutants are made in a copy of the checkout (the files git knows), never in t
     python scripts/mutate.py --base v0.1.0 --max-mutants 80 --tests tests/test_training.py
 
 The tests for a module are the test files that import it or name one of its public definitions
-(``--tests`` overrides); a mutant they miss is run against the whole suite before it is listed. Each run stops at the first failure (``-x``) and is cut after
-``--timeout`` seconds (counted as caught: a fault that hangs the suite is noticed). Not part of
-CI: it runs the tests once per mutant.
+(``--tests`` overrides); with ``--confirm`` a mutant they miss is run against the whole suite
+before it is listed. Each run stops at the first failure (``-x``) and is cut after
+``--timeout`` seconds (listed apart: a fault may hang the tests, or the tests may just be slow).
+Not part of CI: it runs the tests once per mutant.
 """
 
 from __future__ import annotations
@@ -171,13 +172,14 @@ def tests_for(path: Path) -> list[Path]:
         for node in tree.body
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
     }
-    everything = sorted((ROOT / "tests").glob("test_*.py"))
-    chosen = []
-    for test in everything:
-        text = test.read_text()
-        if module in text or any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
-            chosen.append(test)
-    return chosen or everything  # a leaf no test names directly is exercised through the others
+    texts = {test: test.read_text() for test in ALL_TESTS}
+    # Narrowest first: the files that import the module, else those that name what it defines,
+    # else (a leaf no test names directly, exercised through the others) the whole suite.
+    importing = [test for test, text in texts.items() if module in text]
+    if importing:
+        return importing
+    naming = [t for t, text in texts.items() if any(re.search(rf"\b{re.escape(n)}\b", text) for n in names)]
+    return naming or ALL_TESTS
 
 
 def copy_checkout(into: Path) -> Path:
@@ -194,9 +196,9 @@ def copy_checkout(into: Path) -> Path:
     return into
 
 
-def run_tests(copy: Path, tests: list[Path], timeout: float) -> tuple[bool, float]:
-    """Whether the tests pass in ``copy`` (the mutant survives), and the seconds taken. The copy's
-    ``src`` comes first on the path, before any installed detrkit."""
+def run_tests(copy: Path, tests: list[Path], timeout: float) -> tuple[bool | None, float]:
+    """Whether the tests pass in ``copy`` (the mutant survives; None: they ran out of time), and
+    the seconds taken. The copy's ``src`` comes first on the path, before any installed detrkit."""
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *map(str, tests)]
     env = {
@@ -206,7 +208,7 @@ def run_tests(copy: Path, tests: list[Path], timeout: float) -> tuple[bool, floa
     try:
         result = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return False, time.perf_counter() - start
+        return None, time.perf_counter() - start
     return result.returncode == 0, time.perf_counter() - start
 
 
@@ -218,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="*", help="test files to run (default: those of each module)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="run a mutant its module's test files miss against the whole suite",
+    )
     args = parser.parse_args(argv)
     # A plain `kill` ends the run like Ctrl-C: the temporary copy is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             print(f"{m.path.relative_to(ROOT)}:{m.line}: {m.what}: {m.text.strip()}")
         return 0
-    survivors = []
+    survivors, timed_out = [], []
     with tempfile.TemporaryDirectory(prefix="detrkit-mutate-") as tmp:
         copy = copy_checkout(Path(tmp))
         for i, m in enumerate(mutants, 1):
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 survived, seconds = run_tests(copy, [copy / t.relative_to(ROOT) for t in tests], args.timeout)
             finally:
                 target.write_text(original)
-            if survived and not args.tests and len(tests) < len(ALL_TESTS):
+            if survived and args.confirm and not args.tests and len(tests) < len(ALL_TESTS):
                 # The module's own test files missed it: does any test of the suite catch it?
                 target.write_text("".join(lines))
                 try:
@@ -263,15 +270,18 @@ def main(argv: list[str] | None = None) -> int:
                     target.write_text(original)
                 seconds += more
                 tests = ALL_TESTS
-            status = "SURVIVED" if survived else "caught"
+            status = {True: "SURVIVED", False: "caught", None: "TIMED OUT"}[survived]
             print(
                 f"[{i}/{len(mutants)}] {status} {where}: {m.what}: {m.text.strip()} "
                 f"({len(tests)} test files, {seconds:.0f}s)",
                 flush=True,
             )
-            if survived:
+            if survived is None:
+                timed_out.append(m)
+            elif survived:
                 survivors.append((m, ""))
-    print(f"\n{len(mutants) - len(survivors)} of {len(mutants)} mutants caught; survivors:")
+    caught = len(mutants) - len(survivors) - len(timed_out)
+    print(f"\n{caught} of {len(mutants)} mutants caught, {len(timed_out)} timed out; survivors:")
     for m, why in survivors:
         print(
             f"  {m.path.relative_to(ROOT)}:{m.line}: {m.what}: {m.text.strip()}"
