@@ -415,3 +415,25 @@ def test_a_detrkit_file_whose_config_is_not_an_object_is_named(files, tmp_path, 
         CheckpointError, match="odd.safetensors: detrkit checkpoint whose config is not a JSON object"
     ):
         detrkit.load_model(tmp_path / "odd.safetensors")
+
+
+def test_devices_are_checked_before_a_checkpoint_is_read(files):
+    from detrkit.distributed import pick_device
+
+    assert (
+        pick_device(None)
+        == pick_device("auto")
+        == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    )
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device 'gpu': expected auto, cpu, cuda, cuda:N or mps"):
+        detrkit.load_model(files["model"], device="gpu")
+    with pytest.raises(ConfigError, match="device 'cpu:1': the CPU is cpu"):
+        pick_device("cpu:1")
+
+
+def test_the_synthetic_image_size_bounds_are_inclusive():
+    SynthConfig(min_size=32, max_size=4096)  # both ends allowed
+    for low, high in ((31, 64), (64, 4097), (100, 99)):
+        with pytest.raises(ConfigError, match="need 32 <= min_size <= max_size <= 4096"):
+            SynthConfig(min_size=low, max_size=high)
