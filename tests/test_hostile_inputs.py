@@ -116,6 +116,11 @@ CASES = {
         "--segmentation semantic: segmentation='semantic' needs a model with a mask head",
     ),
 }
+if not torch.cuda.is_available():
+    CASES["CUDA on a machine without a GPU"] = (
+        ["train", "--device", "cuda"],
+        "device 'cuda': this machine has no CUDA GPU",
+    )
 if NO_MPS:
     CASES["MPS on a machine without it"] = (
         ["explain", "{image}", "--weights", "{model}", "--out", "{tmp}/x.png", "--device", "mps"],
@@ -236,12 +241,14 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
         (torch.rand(3, 16, 16) * 255, 0.5, "must be in [0, 1], got values in"),
         (torch.rand(3, 16, 16), math.nan, "threshold=nan: a score threshold must be a number in [0, 1]"),
         (torch.rand(3, 16, 16), 1.5, "threshold=1.5"),
+        (torch.rand(3, 16, 16), {"panoptic_threshold": math.nan}, "panoptic_threshold=nan"),
     ],
 )
 def test_detector_refuses_images_and_thresholds_it_would_get_wrong(files, image, threshold, message):
     detector = detrkit.Detector.from_pretrained(files["model"], device="cpu")
+    kwargs = threshold if isinstance(threshold, dict) else {"threshold": threshold}
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
-        detector.predict(image, threshold)
+        detector.predict(image, **kwargs)
 
 
 def test_a_missing_extra_names_its_install_line(files, tmp_path, capsys, monkeypatch):
