@@ -444,3 +444,12 @@ def test_the_synthetic_image_size_bounds_are_inclusive():
     for low, high in ((31, 64), (64, 4097), (100, 99)):
         with pytest.raises(ConfigError, match="need 32 <= min_size <= max_size <= 4096"):
             SynthConfig(min_size=low, max_size=high)
+
+
+def test_predict_prepared_checks_its_segmentation_mode_too(files):
+    # The server prepares images in another thread and calls this directly: it checks for itself.
+    detector = detrkit.Detector.from_pretrained(files["model"], device="cpu")
+    prepared = [detector.prepare(files["image"])]
+    with pytest.raises(ValueError, match="segmentation='semantic' needs a model with a mask head"):
+        detector.predict_prepared(prepared, 0.5, segmentation="semantic")
+    assert detector.predict_prepared(prepared, 0.0, segmentation="auto")[0].masks is None

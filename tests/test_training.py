@@ -31,6 +31,9 @@ def test_a_run_writes_everything(tmp_path, data_root):
     records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all("val" in r for r in records)
     assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= set(records[0]["train"])
+    # Seconds of the epoch's training, within its share of the whole run's training time.
+    assert all(0.0 < r["time"] <= r["train_seconds"] + 1.0 for r in records)
+    assert records[0]["train_seconds"] < records[1]["train_seconds"]
     assert 0.0 <= metrics["bbox/AP"] <= 1.0 and "val/loss" in metrics
     model = detrkit.load_model(run / BEST)
     assert model.config.class_names == ("rectangle", "ellipse", "triangle", "diamond")
