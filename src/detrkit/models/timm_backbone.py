@@ -100,11 +100,6 @@ def timm_features(name: str, dilation: bool = False) -> TimmFeatures:
     feature maps at strides 4, 8, 16, 32."""
     with torch.device("meta"):
         model = _create(name, dilation)
-    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size"):
-        raise ConfigError(
-            f"timm model {name!r} takes images of one fixed size only (a windowed or ViT-style model); "
-            "DETR feeds images of any size: choose a CNN (resnet*, mobilenetv3*, efficientnet*, convnext*...)"
-        )
     info = model.feature_info
     reductions = tuple(info.reduction())
     expected = (4, 8, 16, 16) if dilation else _STRIDES
@@ -112,6 +107,11 @@ def timm_features(name: str, dilation: bool = False) -> TimmFeatures:
         raise ConfigError(
             f"timm model {name!r} has feature maps at strides {list(reductions)}; DETR needs its last "
             f"four at strides {list(expected)} (a CNN with four stages, like ResNet)"
+        )
+    if getattr(model, "pretrained_cfg", {}).get("fixed_input_size"):
+        raise ConfigError(
+            f"timm model {name!r} takes images of one fixed size only (a windowed or ViT-style model); "
+            "DETR feeds images of any size: choose a CNN (resnet*, mobilenetv3*, efficientnet*, convnext*...)"
         )
     out_indices = tuple(range(len(reductions) - 4, len(reductions)))
     return TimmFeatures(
