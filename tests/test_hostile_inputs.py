@@ -453,3 +453,15 @@ def test_predict_prepared_checks_its_segmentation_mode_too(files):
     with pytest.raises(ValueError, match="segmentation='semantic' needs a model with a mask head"):
         detector.predict_prepared(prepared, 0.5, segmentation="semantic")
     assert detector.predict_prepared(prepared, 0.0, segmentation="auto")[0].masks is None
+
+
+def test_init_from_another_size_says_what_was_reinitialised_and_why(tmp_path, data_root):
+    source = detrkit.build_model(detrkit.DetrConfig(**{**TINY_MODEL, "num_classes": 4, "d_model": 64}))
+    detrkit.save_model(source, tmp_path / "wide.safetensors")
+    messages = []
+    Trainer(tiny(tmp_path, data_root, init_from=str(tmp_path / "wide.safetensors")), log=messages.append)
+    # Same 4 classes and 6 queries: nothing is said of the class count; the size is the reason.
+    assert not any("class head re-initialised" in m or "object queries" in m for m in messages)
+    (line,) = [m for m in messages if "their shapes differ" in m]
+    assert "(d_model 64 -> 32)" in line and "class_embed" in line and "transformer" in line
+    assert not any("not in the checkpoint" in m and "transformer" in m for m in messages)

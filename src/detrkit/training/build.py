@@ -191,23 +191,34 @@ def resumed_model(saved_config: dict[str, Any], train_set: CocoDetection | CocoP
 
 def init_from(model: Detr, source: Detr, log: Log, name: str) -> None:
     """Copy ``source``'s weights (read from ``name``) into ``model`` wherever name and shape agree;
-    log what is re-initialised."""
+    log what is re-initialised, and why: another class count, query count or size, or absent."""
     own = model.state_dict()
-    loadable, reinit = {}, set()
+    loadable, mismatched = {}, set()
     for key, value in source.state_dict().items():
         if key in own and own[key].shape == value.shape:
             loadable[key] = value
         elif key in own:
-            reinit.add(key.rsplit(".", 1)[0])
+            mismatched.add(key)
     missing, _ = model.load_state_dict(loadable, strict=False)
-    if any(k.startswith("class_embed") for k in reinit):
+    old, new = source.config, model.config
+    heads = {"class_embed": "num_classes", "query_embed": "num_queries"}
+    if any(k.startswith("class_embed") for k in mismatched) and old.num_classes != new.num_classes:
         log(
-            f"init: class head re-initialised: the checkpoint has {source.config.num_classes} classes, "
-            f"this dataset {model.config.num_classes}"
+            f"init: class head re-initialised: the checkpoint has {old.num_classes} classes, "
+            f"this dataset {new.num_classes}"
         )
-    if any(k.startswith("query_embed") for k in reinit):
-        log(f"init: object queries re-initialised: {source.config.num_queries} -> {model.config.num_queries}")
-    fresh = sorted({k.split(".")[0] for k in missing if not k.startswith(("class_embed", "query_embed"))})
+    if any(k.startswith("query_embed") for k in mismatched) and old.num_queries != new.num_queries:
+        log(f"init: object queries re-initialised: {old.num_queries} -> {new.num_queries}")
+    counted = tuple(p for p, f in heads.items() if getattr(old, f) != getattr(new, f))
+    resized = sorted({k.split(".")[0] for k in mismatched if not k.startswith(counted)})
+    if resized:
+        sizes = [f"{f} {getattr(old, f)} -> {getattr(new, f)}" for f in ("d_model", "dim_feedforward", "nheads")
+                 if getattr(old, f) != getattr(new, f)]  # fmt: skip
+        log(
+            f"init: re-initialised, their shapes differ from the checkpoint's"
+            f"{' (' + ', '.join(sizes) + ')' if sizes else ''}: {', '.join(resized)}"
+        )
+    fresh = sorted({k.split(".")[0] for k in missing if k not in mismatched})
     if fresh:
         log(f"init: randomly initialised (not in the checkpoint): {', '.join(fresh)}")
     log(f"init: {len(loadable)} tensors loaded from {name}")
