@@ -465,3 +465,22 @@ def test_init_from_another_size_says_what_was_reinitialised_and_why(tmp_path, da
     (line,) = [m for m in messages if "their shapes differ" in m]
     assert "(d_model 64 -> 32)" in line and "class_embed" in line and "transformer" in line
     assert not any("not in the checkpoint" in m and "transformer" in m for m in messages)
+
+
+def test_single_channel_panoptic_pngs_are_refused_when_the_dataset_is_built(tmp_path):
+    from PIL import Image
+
+    from detrkit.data import CocoPanoptic
+
+    root = write_synthetic(
+        tmp_path / "p", SynthConfig(images=2, seed=0, min_size=64, max_size=64), {"val": 2}
+    )
+    pngs = root / "annotations" / "panoptic_val2017"
+    args = (root / "val2017", root / "annotations" / "panoptic_val2017.json", pngs)
+    assert len(CocoPanoptic(*args)) == 2  # RGB, as written: fine
+    for png in pngs.iterdir():
+        Image.open(png).convert("L").save(png)
+    with pytest.raises(
+        detrkit.data.DatasetError, match=r"a single-channel \(L\) PNG; COCO panoptic PNGs are RGB"
+    ):
+        CocoPanoptic(*args)

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from .coco import CategoryMap, CocoBase, SkippedSample
+from .coco import CategoryMap, CocoBase, DatasetError, SkippedSample
 from .images import ImageLoadError, load_image
 
 
@@ -57,6 +57,27 @@ class CocoPanoptic(CocoBase):
             {s.get("category_id") for a in data["annotations"] for s in a.get("segments_info", [])}
         )
         self.ids = [i for i in sorted(self.images) if i in self.annotations]
+        if self.ids:  # one PNG read now: a wrong format fails here, not in every sample
+            self._png_mode_check(self.ids[0])
+
+    def _png_mode_check(self, image_id: int) -> None:
+        """Refuse a single-channel PNG: its grey levels would decode to segment ids that match no
+        ``segments_info`` entry, and every image would train as background only."""
+        name = self.annotations[image_id]["file_name"]
+        if self.pngs is not None:
+            mode, where = self.pngs[name].mode, name
+        else:
+            where = self.png_dir / name
+            try:
+                with Image.open(where) as png:
+                    mode = png.mode
+            except (OSError, ValueError):
+                return  # unreadable: reported as such when the sample is loaded
+        if mode in ("1", "L", "LA", "I", "I;16", "F"):
+            raise DatasetError(
+                f"{where}: a single-channel ({mode}) PNG; COCO panoptic PNGs are RGB, with segment id = "
+                "R + 256 G + 256^2 B (panopticapi's id2rgb)"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
