@@ -242,3 +242,20 @@ def test_ground_truth_without_bbox_is_scored_by_its_mask():
     evaluator.update([1], [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}])
     metrics = evaluator.summarize()
     assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["bbox/APm"] == pytest.approx(1.0)
+
+
+def test_a_segmentation_pycocotools_must_not_decode_gives_way_to_the_box():
+    # No area, and a polygon of odd length: the validator of data/segmentations.py refuses it, so
+    # the area is the box's (40x40, medium) and pycocotools never sees the polygon.
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [10, 10, 40, 40],
+             "segmentation": [[10, 10, 20, 10, 20]]},
+        ],
+    }  # fmt: skip
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    box = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
+    evaluator.update([1], [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}])
+    assert evaluator.summarize()["bbox/APm"] == pytest.approx(1.0)

@@ -214,6 +214,11 @@ def test_resume_refuses_init_from_and_applies_a_config_file(tmp_path, data_root,
     assert code == 0, err
     assert "resume: epochs 1 -> 2" in out
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    # A model option in the file is one too, and is refused as the flag would be.
+    other = tmp_path / "other.yaml"
+    other.write_text(f"output_dir: {cfg.output_dir}\nmodel:\n  num_queries: 9\n")
+    code, _, err = run_cli(["train", "--resume", "--config", other], capsys)
+    assert code == 2 and "--resume: model.num_queries=9 would change the model" in err
 
 
 def test_a_category_id_beyond_int64_is_refused():

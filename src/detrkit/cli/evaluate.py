@@ -68,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
         if not model.config.masks:
             raise DatasetError(f"{args.weights}: PQ needs a panoptic model (with a mask head)")
         ann, images, pngs = resolve_panoptic(root, split)
-        cmap = model_category_map(model.config, annotation_categories(ann))
+        categories = annotation_categories(ann)
+        cmap = model_category_map(model.config, categories)
         dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
     else:
         ann, images = resolve_split(root, split)
-        cmap = model_category_map(model.config, annotation_categories(ann))
+        categories = annotation_categories(ann)
+        cmap = model_category_map(model.config, categories)
         dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)
-    clashes = name_clashes(cmap, annotation_categories(ann))
+    clashes = name_clashes(cmap, categories)
     if clashes:
         print(
             f"WARNING: the model and {ann} name {len(clashes)} category id(s) differently (model / dataset): "

@@ -67,20 +67,9 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def flatten(options: dict[str, Any]) -> dict[str, Any]:
-    """``{"model": {"num_queries": 20}, "lr": 1e-4}`` -> ``{"model.num_queries": 20, "lr": 1e-4}``."""
-    out = {}
-    for key, value in options.items():
-        if key == "model" and isinstance(value, dict):
-            out.update({f"model.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..training.config import build_config, read_config_file
+    from ..training.config import build_config, flatten, read_config_file
     from ..training.trainer import Trainer
 
     overrides = overrides_of(args)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torchvision.ops import box_convert
 
 from ..data.coco import CategoryMap
+from ..data.segmentations import find_bad_segmentations
 from ..distributed import is_dist
 from ..fileio import write_json_atomic
 
@@ -82,15 +83,19 @@ def with_areas(ground_truth: dict[str, Any]) -> dict[str, Any]:
     from pycocotools import mask as mask_utils
 
     sizes = {img["id"]: (img["height"], img["width"]) for img in ground_truth.get("images", [])}
+    # A segmentation pycocotools must not decode (NaN, inf, a broken RLE) is not used: the box is.
+    items = [(a, *sizes.get(a.get("image_id"), (None, None))[::-1]) for a in incomplete]
+    unusable = {id(incomplete[i]) for i, _ in find_bad_segmentations(items)}
     annotations = []
     for ann in ground_truth["annotations"]:
         if "area" in ann and "bbox" in ann:
             annotations.append(ann)
             continue
+        usable = id(ann) not in unusable
         ann = dict(ann)
         segmentation, size = ann.get("segmentation"), sizes.get(ann.get("image_id"))
         rle = None
-        if segmentation and size is not None:
+        if segmentation and size is not None and usable:
             polygons = isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list)
             rles = mask_utils.frPyObjects(segmentation, *size) if polygons else segmentation
             rle = mask_utils.merge(rles) if isinstance(rles, list) else rles

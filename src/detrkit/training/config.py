@@ -332,3 +332,14 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def flatten(options: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`nest`: ``{"model": {"num_queries": 20}}`` -> ``{"model.num_queries": 20}``."""
+    out = {}
+    for key, value in options.items():
+        if key == "model" and isinstance(value, dict):
+            out.update({f"model.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out

@@ -139,6 +139,7 @@ def train_one_epoch(
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     # Denoising queries are built from the ground truth: that aid takes the targets too.
     takes_targets = isinstance(inner, TrainingAids) and inner.denoising_groups > 0
+    norm_buffers = batch_norm_buffers(model)  # the same tensors all epoch (updated in place)
     for group in _micro_batch_groups(loader, grad_accum, skips):
         if max_steps is not None and state.step >= max_steps:
             break
@@ -153,7 +154,6 @@ def train_one_epoch(
         finite = torch.ones((), dtype=torch.bool, device=device)
         # The forward updates BatchNorm's running statistics before the loss is known to be finite:
         # keep them, so that a skipped step leaves no trace (one NaN would poison them for good).
-        norm_buffers = batch_norm_buffers(model)
         norm_before = [b.clone() for b in norm_buffers]
         for i, batch in enumerate(usable):
             batch = batch.to(device, non_blocking=True)
