@@ -106,15 +106,63 @@ BAD_FILES = [
     (["train", "--config", "{latin1yaml}"], "latin.yaml: the config file is not UTF-8 text"),
     (["train", "--resume", "--output-dir", "{out}/norun"], "--resume: no checkpoint at"),
     (["train", "--init-from", "{garbage}", "--output-dir", "{out}/run"], "not a readable PyTorch checkpoint"),
+    (["plot", "{dirlog}"], "no metrics log"),
+    (["explain", "{notimage}", "--weights", "{model}", "--out", "{out}/x.png"], "not an image"),
 ]
+
+# Every command that reads weights, against every kind of broken weights file.
+WEIGHT_COMMANDS = {
+    "info": ["info", "{w}"],
+    "convert": ["convert", "{w}", "{out}/o.safetensors", "--to", "detrkit"],
+    "predict": ["predict", "{notimage}", "--weights", "{w}", "--out", "{out}/p"],
+    "eval": ["eval", "--weights", "{w}", "--data", "{missing}"],
+    "explain": ["explain", "{notimage}", "--weights", "{w}", "--out", "{out}/x.png"],
+    "serve": ["serve", "--weights", "{w}", "--port", "0"],
+    "export": ["export", "--weights", "{w}", "--out", "{out}/m.onnx"],
+    "train": ["train", "--init-from", "{w}", "--output-dir", "{out}/run"],
+}
+BAD_WEIGHTS = {
+    "{missing}": "no such file or directory, not an official checkpoint name",
+    "{garbage}": "not a readable PyTorch checkpoint",
+    "{emptydir}": "a directory without config.json",
+    "{hfdir}": "config.json: not valid JSON",
+    "{hflist}": "config.json: expected a JSON object",
+    "{tensorpth}": "expected a state dict of tensors",
+    "{truncated}": "not a readable safetensors file",
+    "{metalist}": "detrkit checkpoint whose config is not a JSON object",
+    "{metabroken}": "detrkit checkpoint with a broken config",
+    "{metatypes}": "DetrConfig.num_classes='x': expected int",
+    "{metaunknown}": "unknown DetrConfig field(s) in the checkpoint's config: zzz",
+}
+BAD_FILES += [
+    ([a.replace("{w}", weights) for a in argv], message)
+    for argv in WEIGHT_COMMANDS.values()
+    for weights, message in BAD_WEIGHTS.items()
+]
+# Every command that reads a dataset, against annotation files of the wrong shape.
+BAD_FILES += [
+    (argv + [data], message)
+    for argv in (["eval", "--weights", "{model}", "--data"], ["train", "--output-dir", "{out}/run", "--data"])
+    for data, message in {
+        "{bboxstr}": "annotations[0].bbox = 'x': expected [x, y, width, height]",
+        "{imgsdict}": "missing or invalid 'images' list",
+        "{toplist}": "expected a JSON object",
+    }.items()
+]
+
+
+BAD_METADATA = ("metalist", "metabroken", "metatypes", "metaunknown")
 
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     """One of each kind of broken user file, and a small model to pair them with."""
+    import json
     import os
 
     import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from conftest import shapes_config
 
@@ -143,6 +191,37 @@ def bad_files(tmp_path_factory):
         (root / "latin1/annotations").mkdir(parents=True, exist_ok=True)
         (root / f"latin1/annotations/instances_{split}.json").write_bytes(latin.encode("latin-1"))
     (root / "latin.yaml").write_bytes("data: caf\xe9\n".encode("latin-1"))
+    (root / "emptydir").mkdir()
+    (root / "dirlog/metrics.jsonl").mkdir(parents=True)
+    (root / "notimage.jpg").write_text("not an image")
+    (root / "hflist").mkdir()
+    (root / "hflist/config.json").write_text("[1]")
+    torch.save(torch.zeros(3), root / "tensor.pth")
+    (root / "truncated.safetensors").write_bytes((root / "model.safetensors").read_bytes()[:1000])
+    tensors = load_file(root / "model.safetensors")
+    with safe_open(root / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    for name, text in {
+        "metalist": "[1, 2]",
+        "metabroken": "{",
+        "metatypes": json.dumps({**config, "num_classes": "x"}),
+        "metaunknown": json.dumps({**config, "zzz": 1}),
+    }.items():
+        save_file(tensors, root / f"{name}.safetensors", metadata={**metadata, "config": text})
+    bad_annotations = {
+        "bboxstr": {
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": "x"}],
+            "categories": [{"id": 1, "name": "a"}],
+        },
+        "imgsdict": {"images": {"a": 1}, "annotations": [], "categories": [{"id": 1, "name": "a"}]},
+        "toplist": [1, 2],
+    }
+    for name, content in bad_annotations.items():
+        (root / name / "annotations").mkdir(parents=True)
+        for split in ("train2017", "val2017"):
+            (root / name / f"annotations/instances_{split}.json").write_text(json.dumps(content))
     (root / "conf.yaml").mkdir()
     os.mkfifo(root / "pipe.yaml")  # reading it would block forever
     return root
@@ -150,8 +229,12 @@ def bad_files(tmp_path_factory):
 
 @pytest.mark.parametrize("argv,message", BAD_FILES, ids=[" ".join(a[:2] + a[-1:]) for a, _ in BAD_FILES])
 def test_every_command_names_a_bad_file_without_a_traceback(argv, message, capsys, tmp_path, bad_files):
-    names = ("badrun", "listrun", "hfdir", "badjson", "nocats", "latin1")
-    paths = {name: bad_files / name for name in names}
+    names = ("badrun", "listrun", "hfdir", "badjson", "nocats", "latin1", "emptydir", "hflist", "bboxstr")
+    paths = {name: bad_files / name for name in names + ("imgsdict", "toplist")}
+    paths.update({name: bad_files / f"{name}.safetensors" for name in BAD_METADATA + ("truncated",)})
+    paths.update(
+        tensorpth=bad_files / "tensor.pth", notimage=bad_files / "notimage.jpg", dirlog=bad_files / "dirlog"
+    )
     paths.update(
         garbage=bad_files / "garbage.pth", missing=tmp_path / "nothing-here", out=tmp_path / "out",
         model=bad_files / "model.safetensors", confdir=bad_files / "conf.yaml", pipe=bad_files / "pipe.yaml",
@@ -163,6 +246,8 @@ def test_every_command_names_a_bad_file_without_a_traceback(argv, message, capsy
     assert code == 2, captured.out + captured.err
     assert message in captured.err and "Traceback" not in captured.out + captured.err, captured.err
     assert len(captured.err.strip().splitlines()) == 1, captured.err
+    # Refused before any work: nothing written (no run folder, no synthesised data, no partial file).
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
 def test_a_user_error_is_one_line_whatever_its_message(monkeypatch, capsys):
@@ -176,3 +261,22 @@ def test_a_user_error_is_one_line_whatever_its_message(monkeypatch, capsys):
     monkeypatch.setattr(detrkit.cli.info, "run", fail)
     assert detrkit.cli.main(["info", "x"]) == 2
     assert capsys.readouterr().err == "detrkit info: error: first line second line\n"
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("bboxstr", "annotations[0].bbox = 'x': expected [x, y, width, height]"),
+        ("imgsdict", "no 'images' list"),
+        ("toplist", "the file holds list, not a JSON object"),
+        ("badjson", "instances_val2017.json: not valid JSON"),
+        ("latin1", "instances_val2017.json: the annotation file is not UTF-8"),
+    ],
+)
+def test_data_check_reports_a_bad_annotation_file_and_fails(name, message, capsys, bad_files):
+    """``data check`` reports (exit 1) rather than refusing: every split's file is named with its fault."""
+    code = detrkit.cli.main(["data", "check", str(bad_files / name)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out + captured.err
+    assert message in captured.out and "Traceback" not in captured.out + captured.err
+    assert "FAILED" in captured.out

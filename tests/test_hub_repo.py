@@ -146,6 +146,16 @@ def test_what_cannot_be_had_is_named(hub, tmp_path, source, offline, message):
     assert "Traceback" not in result.stderr
 
 
+def test_an_unreachable_hub_is_not_retried(tmp_path):
+    """Nothing listening at the endpoint (and not HF_HUB_OFFLINE): straight to the cache, whose miss is
+    named with the path looked for, instead of huggingface_hub's five retries (~27 s)."""
+    result = _run(["-m", "detrkit", "info", "runs/model"], tmp_path / "empty-home", "http://127.0.0.1:9")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not in the local Hugging Face cache" in result.stderr
+    assert "no local file or folder of that name" in result.stderr
+    assert "Retrying" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_local_folder_of_the_same_name_wins(hub, tmp_path, monkeypatch):
     import detrkit
 

@@ -330,3 +330,12 @@ def test_an_image_whose_png_cannot_be_read_counts_its_segments_as_missed():
     tp, fp, fn, _ = evaluator.stats[evaluator._row[1]]
     assert (tp, fp, fn) == (0, 0, 2)
     assert evaluator.stats[evaluator._row[2]].sum() == 0
+
+
+def test_pq_leaves_out_segments_absent_from_the_png():
+    """A ``segments_info`` entry with no pixel cannot be found: perfect predictions still score 1."""
+    gt = strip([(0, 30, 1), (30, 100, 2)])
+    segments = [{"id": 1, "category_id": 4}, {"id": 2, "category_id": 100}, {"id": 9, "category_id": 4}]
+    stats = image_pq_stats(gt, segments, gt, segments[:2])
+    assert stats[4].tolist() == pytest.approx([1, 0, 0, 1.0])
+    assert summarize_pq(stats, ISTHING)["panoptic/PQ"] == pytest.approx(1.0)

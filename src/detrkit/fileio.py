@@ -36,11 +36,11 @@ def read_text_file(
     except OSError as e:
         raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise error(f"{path}: is a folder; expected a {what}")
+        raise error(f"{path}: is a folder; expected {_article(what)} {what}")
     if not stat.S_ISREG(info.st_mode):
-        raise error(f"{path}: not a regular file; expected a {what}")
+        raise error(f"{path}: not a regular file; expected {_article(what)} {what}")
     if info.st_size > max_bytes:
-        raise error(f"{path}: {info.st_size / 1e6:.0f} MB is too large for a {what}")
+        raise error(f"{path}: {info.st_size / 1e6:.0f} MB is too large for {_article(what)} {what}")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -136,3 +136,8 @@ def check_output(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {out}: cannot write in {parent} (permission denied)")
     return out
+
+
+def _article(noun: str) -> str:
+    """'a' or 'an' before ``noun`` (for the messages above)."""
+    return "an" if noun[:1].lower() in "aeiou" else "a"

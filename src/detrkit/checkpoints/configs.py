@@ -4,6 +4,7 @@ themselves (the original DETR's files carry at most an ``args`` namespace)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -246,5 +247,8 @@ def _infer_head_config(state_dict: StateDict, fields: dict[str, Any], known: dic
     if fields["masks"]:
         # The mask head's input is d_model features + one attention map per head.
         fields["nheads"] = state_dict["mask_head.lay1.weight"].shape[1] - d_model
+    unknown = sorted(set(known) - {f.name for f in dataclasses.fields(DetrConfig)})
+    if unknown:  # e.g. written by a newer detrkit
+        raise ValueError(f"unknown DetrConfig field(s) in the checkpoint's config: {', '.join(unknown)}")
     fields.update(known)
     return DetrConfig(**fields)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
 import urllib.error
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +179,14 @@ def download_hub_repo(source: str, *, token: str | bool | None = None) -> Path:
     repo, revision = match["repo"], match["revision"]
     where = f"{repo}" + (f" at revision {revision!r}" if revision else "")
 
+    # huggingface_hub retries a connection error five times (~27 s) before it falls back to its cache;
+    # an endpoint that cannot be resolved or connected to goes straight to the cache instead.
+    local_only = not _endpoint_reachable()
+
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo, filename, revision=revision, token=token))
+        return Path(
+            hf_hub_download(repo, filename, revision=revision, token=token, local_files_only=local_only)
+        )
 
     try:
         config = fetch("config.json")
@@ -196,7 +205,8 @@ def download_hub_repo(source: str, *, token: str | bool | None = None) -> Path:
     except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
         raise CheckpointError(
             f"{where}: not in the local Hugging Face cache ({_hf_cache()}) and the Hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE=1). Download it once online, or pass a local folder."
+            "(offline, or HF_HUB_OFFLINE=1), and there is no local file or folder of that name. Download it "
+            "once online, or pass a local path."
         ) from None
     except GatedRepoError:
         raise CheckpointError(
@@ -215,6 +225,31 @@ def download_hub_repo(source: str, *, token: str | bool | None = None) -> Path:
         ) from None
     except OSError as e:  # network errors that huggingface_hub does not translate
         raise CheckpointError(f"{where}: download from the Hugging Face Hub failed ({e})") from None
+
+
+def _endpoint_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    Offline mode answers False. Behind a proxy the endpoint may be unreachable directly yet served,
+    so with a proxy set this answers True and leaves the network to huggingface_hub.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+    ):
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return True
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _hf_cache() -> str:

@@ -4,7 +4,10 @@ by COCO's ``panopticapi``.
 Per image, a predicted and a ground-truth segment of the same category match when their IoU exceeds
 0.5 (then the match is unique); void pixels (id 0 in the ground truth) are left out of the union;
 crowd ground-truth segments are never matched, and a prediction lying more than half on void or on a
-crowd region of its category is not counted as a false positive. Per category,
+crowd region of its category is not counted as a false positive. A ``segments_info`` entry with no
+pixel in the PNG is left out: nothing could ever match it (panopticapi would count it as a miss, so
+that even perfect predictions score below 1; the dataset drops such entries from the training targets
+for the same reason). Per category,
 ``PQ = sum(IoU of matches) / (TP + FP/2 + FN/2)``; the reported PQ averages the categories that
 appear (TP + FP + FN > 0). panopticapi itself is not on PyPI, and torchmetrics' ``PanopticQuality``
 knows neither crowd regions nor COCO's JSON, so this is a direct implementation, checked in the tests
@@ -49,7 +52,8 @@ def image_pq_stats(
     gt_area = dict(zip(*np.unique(gt_ids, return_counts=True)))
     pred_area = dict(zip(*np.unique(pred_ids, return_counts=True)))
 
-    gt = {int(s["id"]): s for s in gt_segments}
+    # Entries without a pixel in the map cannot be found: left out rather than counted as misses.
+    gt = {int(s["id"]): s for s in gt_segments if gt_area.get(int(s["id"]), 0) > 0}
     pred = {int(s["id"]): s for s in pred_segments if pred_area.get(int(s["id"]), 0) > 0}
     unknown = set(int(i) for i in pred_area) - set(pred) - {VOID}
     if unknown:
@@ -170,9 +174,11 @@ class PanopticEvaluator:
                 segments = getattr(e, "segments_info", None)
                 if segments is None:
                     raise
-                # Without the PNG every segment is simply missed: a 1-pixel map of segment ids is
-                # enough to count them as false negatives (crowd regions still ignored).
-                gt_ids, gt_segments = np.zeros((1, 1), dtype=np.int64), segments
+                # Without the PNG every (non-crowd) segment is simply missed.
+                for segment in segments:
+                    if not segment.get("iscrowd", 0):
+                        self.stats[self._row[segment["category_id"]], 2] += 1
+                continue
             stats = image_pq_stats(gt_ids, gt_segments, np.zeros_like(gt_ids), [])
             for category, values in stats.items():
                 self.stats[self._row[category]] += values

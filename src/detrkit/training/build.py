@@ -140,9 +140,13 @@ def check_some_image_loads(dataset: CocoDetection | CocoPanoptic, what: str) -> 
     )
 
 
-def build_model(cfg: TrainConfig, train_set: CocoDetection | CocoPanoptic, log: Log) -> Detr:
+def build_model(
+    cfg: TrainConfig, train_set: CocoDetection | CocoPanoptic, log: Log, source: Detr | None = None
+) -> Detr:
     """A new model for ``train_set``'s classes: ``cfg.model`` on top of ``cfg.init_from``'s
-    architecture when fine-tuning (its weights loaded wherever the shapes agree)."""
+    architecture when fine-tuning (its weights loaded wherever the shapes agree). ``source``: the
+    model ``cfg.init_from`` names, when already loaded (read before any data is built, so that a
+    mistyped name costs no dataset synthesis)."""
     cmap = train_set.category_map
     labels: dict[str, Any] = {
         "num_classes": cmap.num_classes,
@@ -151,10 +155,9 @@ def build_model(cfg: TrainConfig, train_set: CocoDetection | CocoPanoptic, log: 
     }
     if cfg.panoptic:
         labels.update(masks=True, stuff_ids=train_set.stuff_ids)
-    source = None
     fields = dict(cfg.model)
     if cfg.init_from:
-        source = load_model(cfg.init_from)
+        source = source if source is not None else load_model(cfg.init_from)
         base = source.config.to_dict()
         for key in ("class_names", "category_ids", "num_classes", "extra"):
             base.pop(key)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoints.io import torch_load_safe
+from ..checkpoints.io import load_model, torch_load_safe
 from ..data.coco import DatasetError
 from ..data.collate import SkipTracker
 from ..distributed import any_process, is_dist, is_main_process, pick_device, rank
@@ -75,13 +75,15 @@ class Trainer:
         self.device = pick_device(config.device)
         self.state = TrainState()
 
+        # The weights to start from are read first: a bad --init-from fails before any data is built.
+        source = load_model(config.init_from) if saved is None and config.init_from else None
         data = build.build_datasets(config, self.run_dir.path, self.log)
         self.train_set, self.val_set, self._train_set_with_masks = data.train, data.val, data.train_with_masks
         build.seed_everything(config.seed)  # the initial weights depend on the seed only
         if saved is not None:
             model = build.resumed_model(saved["detrkit_config"], self.train_set, self.run_dir / LAST)
         else:
-            model = build.build_model(config, self.train_set, self.log)
+            model = build.build_model(config, self.train_set, self.log, source)
         self.model: Detr = model.to(self.device)
         self.criterion = build_criterion(self.model.config).to(self.device)
         self.aid = build.build_aid(config, self.model, self.criterion, self.device)
