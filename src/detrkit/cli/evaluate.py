@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import non_negative_int, positive_float, positive_int
+from .args import non_negative_int, positive_float, positive_int, probability
 
 
 def add_parser(sub) -> None:
@@ -18,6 +18,20 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier eval in --out")
+    p.add_argument(
+        "--report", default=None, metavar="DIR",
+        help="write a report to DIR: per-class AP, precision/recall/F1 and the best threshold, a confusion "
+        "matrix, precision-recall curves, the worst images (report.md ties them together)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threshold", type=probability, default=0.5,
+        help="score threshold of the report's precision/recall/F1, confusion matrix and worst images",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-dets", type=positive_int, default=100,
+        help="COCO's maxDets: detections per image that AP and AR count (dense scenes: raise it, "
+        "with a model of as many queries)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument(
         "--image-scale", type=positive_float, default=None, help="default: what the model was trained with"
@@ -56,12 +70,17 @@ def run(args: argparse.Namespace) -> int:
             args.out, option="--out", kind="dir", inputs=[args.weights], overwrite=args.overwrite,
             replaceable=lambda p: not any((p / name).exists() for name in ("results.json", "metrics.json")),
         )  # fmt: skip
+    if args.report is not None:
+        check_output(
+            args.report, option="--report", kind="dir", inputs=[args.weights], overwrite=args.overwrite,
+            replaceable=lambda p: not (p / "report.json").exists(),
+        )  # fmt: skip
     model = load_model(args.weights)
     device = pick_device(args.device)
     model.to(device)
     root, split = Path(args.data), args.split
     if args.data == "synthetic":
-        root, split = _synthetic_split(model.config, Path(args.out or "runs/eval"), args.split)
+        root, split = _synthetic_split(model.config, Path(args.out or args.report or "runs/eval"), args.split)
     scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
     transforms = eval_transforms(TransformConfig.scaled(scale))
     if args.panoptic:
@@ -87,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     # The model may predict categories the file does not list: take theirs from the model.
     known = dict(zip(model.config.label_ids, model.config.is_thing))
     evaluator = build_evaluator(dataset, model.config.masks, known_isthing=known)
+    if isinstance(evaluator, CocoEvaluator):
+        evaluator.max_dets = args.max_dets
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     skips = SkipTracker(warn=lambda msg: print(msg, file=sys.stderr))
     metrics = evaluate(model, loader, evaluator, device, skips=skips)
@@ -101,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(format_metrics(metrics))
+    if args.report:
+        evaluator.report(args.report, threshold=args.threshold, image_dir=dataset.image_dir, metrics=metrics)
+        print(f"wrote the report to {Path(args.report) / 'report.md'}")
     if args.out:
         out = Path(args.out)
         write_json_atomic(out / "metrics.json", metrics)

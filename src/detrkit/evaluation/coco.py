@@ -125,6 +125,8 @@ class CocoEvaluator:
         self.iou_types = tuple(iou_types)
         self.results: list[dict[str, Any]] = []
         self.image_ids: set[int] = set()
+        self.max_dets = 100  # COCO's maxDets (its last entry: what AP and AR100 allow per image)
+        self.cocoevals: dict[str, Any] = {}  # per IoU type, the evaluator of the last summarize()
 
     def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, torch.Tensor]]) -> None:
         self.image_ids.update(int(i) for i in image_ids)
@@ -156,6 +158,7 @@ class CocoEvaluator:
         from faster_coco_eval import COCO, COCOeval_faster
 
         metrics: dict[str, float] = {}
+        self.cocoevals = {}
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO(with_areas(self.ground_truth))
         for iou_type in self.iou_types:
@@ -171,17 +174,66 @@ class CocoEvaluator:
             printer = print if verbose else (lambda *a, **k: None)
             evaluator = COCOeval_faster(gt, dt, iou_type, print_function=printer)
             evaluator.params.imgIds = sorted(self.image_ids)
+            evaluator.params.maxDets = [1, 10, self.max_dets]
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
             metrics.update(
                 {f"{iou_type}/{n}": float(v) for n, v in zip(STAT_NAMES, evaluator.stats, strict=False)}
             )
+            self.cocoevals[iou_type] = evaluator
         return metrics
+
+    def per_class(self, iou_type: str = "bbox") -> list[dict[str, Any]]:
+        """Per category of the dataset, from the precision and recall arrays of the last
+        :meth:`summarize` (as COCO's own per-class numbers are read): ``AP`` (IoU 0.5:0.95), ``AP50``,
+        ``AP75``, ``AR100`` (all areas, ``max_dets`` per image; -1 where the class has no object),
+        plus ``objects`` (non-crowd ground truth in the evaluated images) and ``detections``."""
+        evaluator = self.cocoevals.get(iou_type)
+        names = {int(c["id"]): c.get("name", str(c["id"])) for c in self.ground_truth.get("categories", [])}
+        objects: dict[int, int] = {}
+        for a in self.ground_truth.get("annotations", []):
+            if int(a["image_id"]) in self.image_ids and not a.get("iscrowd", 0):
+                objects[int(a["category_id"])] = objects.get(int(a["category_id"]), 0) + 1
+        detections: dict[int, int] = {}
+        for r in self.results:
+            detections[int(r["category_id"])] = detections.get(int(r["category_id"]), 0) + 1
+        rows = []
+        for k, category in enumerate(sorted(names)):
+            row: dict[str, Any] = {"category_id": category, "name": names[category]}
+            if evaluator is None:  # no detection at all: nothing found
+                row.update(AP=0.0, AP50=0.0, AP75=0.0, AR100=0.0 if objects.get(category) else -1.0)
+            else:
+                k = list(evaluator.params.catIds).index(category)
+                precision = np.asarray(evaluator.eval["precision"])[:, :, k, 0, -1]  # [T, R]
+                recall = np.asarray(evaluator.eval["recall"])[:, k, 0, -1]  # [T]
+                iou_thrs = np.asarray(evaluator.params.iouThrs)
+                row.update(
+                    AP=_mean_defined(precision),
+                    AP50=_mean_defined(precision[np.isclose(iou_thrs, 0.5)]),
+                    AP75=_mean_defined(precision[np.isclose(iou_thrs, 0.75)]),
+                    AR100=_mean_defined(recall),
+                )
+            row.update(objects=objects.get(category, 0), detections=detections.get(category, 0))
+            rows.append(row)
+        return rows
+
+    def report(self, out_dir: str | os.PathLike, **options: Any) -> dict[str, Any]:
+        """Write the evaluation report of the last :meth:`summarize` to ``out_dir`` (see
+        :func:`detrkit.evaluation.report.write_report` for what it holds and its options)."""
+        from .report import write_report
+
+        return write_report(self, out_dir, **options)
 
     def write_results(self, path: str | os.PathLike) -> None:
         """The detections as a COCO results JSON (dataset category ids, xywh boxes)."""
         write_json_atomic(path, self.results)
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    """The mean of the entries COCO has defined (> -1), else -1."""
+    defined = values[values > -1]
+    return float(defined.mean()) if defined.size else -1.0
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -16,6 +16,7 @@ against hand-computed cases.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -191,6 +192,13 @@ class PanopticEvaluator:
             dist.all_reduce(total)
             total = total.cpu().numpy()
             self.stats, self.num_images = total[:-1].reshape(self.stats.shape), int(total[-1])
+
+    def report(self, out_dir: str | os.PathLike, **options: Any) -> dict[str, Any]:
+        """Write the per-class PQ / SQ / RQ report to ``out_dir`` (see
+        :func:`detrkit.evaluation.report.write_report`)."""
+        from .report import write_report
+
+        return write_report(self, out_dir, **options)
 
     def summarize(self) -> dict[str, float]:
         return summarize_pq({c: self.stats[i] for c, i in self._row.items()}, self.isthing)

@@ -3,28 +3,12 @@ colourised panoptic and semantic segmentations (Pillow only)."""
 
 from __future__ import annotations
 
-import colorsys
-
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from ..drawing import color_of, draw_boxes
 from .detector import Detections
-
-
-def color_of(key: int) -> tuple[int, int, int]:
-    """A stable, well-spread colour per category id (golden-ratio hues)."""
-    hue = (key * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
-    return int(255 * r), int(255 * g), int(255 * b)
-
-
-def _font(image: Image.Image) -> ImageFont.ImageFont:
-    size = max(10, min(image.size) // 40)
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
 
 
 def _blend(image: Image.Image, colors: np.ndarray, where: np.ndarray, alpha: float) -> Image.Image:
@@ -65,21 +49,6 @@ def draw_detections(image: Image.Image, detections: Detections, *, alpha: float 
         top = np.where(masks.any(0), masks.argmax(0), -1)
         image = _blend(image, colors[np.maximum(top, 0)], top >= 0, alpha)
 
-    draw = ImageDraw.Draw(image)
-    font = _font(image)
-    width = max(1, min(image.size) // 200)
     boxes = detections.boxes.tolist() if isinstance(detections.boxes, torch.Tensor) else detections.boxes
-    for box, score, label, name in zip(
-        boxes, detections.scores.tolist(), detections.labels.tolist(), detections.names
-    ):
-        color = color_of(int(label))
-        draw.rectangle(box, outline=color, width=width)
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
-        y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
-        # Shift the label left when it would run off the right edge (boxes near the border).
-        x = max(0.0, min(box[0], image.width - (right - left) - 2))
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=color)
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
-    return image
+    texts = [f"{name} {score:.2f}" for name, score in zip(detections.names, detections.scores.tolist())]
+    return draw_boxes(image, boxes, texts, detections.labels.tolist())

@@ -1,0 +1,198 @@
+"""The evaluation report: per-class AP against pycocotools, precision/recall/F1 and the confusion
+matrix on a hand-built case, and ``detrkit eval --report`` end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from detrkit.data.coco import CategoryMap
+from detrkit.evaluation.coco import CocoEvaluator
+from detrkit.evaluation.matching import confusion_matrix, image_errors, match_dataset, precision_recall_f1
+
+CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 5, "name": "c"}]
+
+
+def random_dataset(seed: int = 0, images: int = 12):
+    """Ground truth (some crowd) and results: jittered copies of the objects with their class or
+    another, and random false alarms, with random scores."""
+    rng = np.random.default_rng(seed)
+    gt = {"images": [], "annotations": [], "categories": CATEGORIES}
+    results = []
+    for image_id in range(1, images + 1):
+        gt["images"].append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 200, "height": 200})
+        for _ in range(rng.integers(0, 6)):
+            x, y = rng.uniform(0, 150, 2)
+            w, h = rng.uniform(8, 50, 2)
+            category = int(rng.choice([1, 2, 5]))
+            crowd = int(rng.random() < 0.1)
+            gt["annotations"].append({
+                "id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": category,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd,
+            })  # fmt: skip
+            for _ in range(rng.integers(0, 3)):
+                jitter = rng.normal(0, 4, 4)
+                label = category if rng.random() < 0.8 else int(rng.choice([1, 2, 5]))
+                box = [x + jitter[0], y + jitter[1], max(w + jitter[2], 1), max(h + jitter[3], 1)]
+                results.append(
+                    {"image_id": image_id, "category_id": label, "bbox": box, "score": float(rng.random())}
+                )
+        for _ in range(rng.integers(0, 4)):
+            x, y = rng.uniform(0, 150, 2)
+            results.append({
+                "image_id": image_id, "category_id": int(rng.choice([1, 2, 5])),
+                "bbox": [x, y, 20.0, 20.0], "score": float(rng.random()),
+            })  # fmt: skip
+    return gt, results
+
+
+def evaluator_for(gt, results) -> CocoEvaluator:
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    evaluator.results = results
+    evaluator.image_ids = {i["id"] for i in gt["images"]}
+    evaluator.summarize()
+    return evaluator
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_class_ap_equals_pycocotools_run_on_that_class_alone(seed):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, results = random_dataset(seed)
+    rows = {r["category_id"]: r for r in evaluator_for(gt, results).per_class()}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))
+        coco.createIndex()
+        detections = coco.loadRes(json.loads(json.dumps(results)))
+        for category in (1, 2, 5):
+            reference = COCOeval(coco, detections, "bbox")
+            reference.params.catIds = [category]
+            reference.evaluate()
+            reference.accumulate()
+            reference.summarize()
+            row = rows[category]
+            assert row["AP"] == pytest.approx(reference.stats[0], abs=1e-9)
+            assert row["AP50"] == pytest.approx(reference.stats[1], abs=1e-9)
+            assert row["AP75"] == pytest.approx(reference.stats[2], abs=1e-9)
+            assert row["AR100"] == pytest.approx(reference.stats[8], abs=1e-9)
+            objects = [a for a in gt["annotations"] if a["category_id"] == category and not a["iscrowd"]]
+            assert row["objects"] == len(objects)
+            assert row["detections"] == sum(r["category_id"] == category for r in results)
+
+
+def test_precision_recall_agree_with_pycocotools_matching():
+    """Recall at threshold 0 equals COCO's recall at IoU 0.5 (all detections kept, maxDets large)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, results = random_dataset(3, images=20)
+    matches = match_dataset(gt, results, [i["id"] for i in gt["images"]])
+    prf = precision_recall_f1(matches, [1, 2, 5], 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))
+        coco.createIndex()
+        reference = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
+        reference.params.maxDets = [1, 10, 1000]
+        reference.evaluate()
+        reference.accumulate()
+    recall = reference.eval["recall"][0, :, 0, -1]  # IoU 0.5, all areas, maxDets 1000
+    for k, category in enumerate((1, 2, 5)):
+        assert prf[category]["recall"] == pytest.approx(recall[k], abs=1e-9)
+
+
+# --- a hand-built image: every kind of error once ---------------------------------------------------
+A, B, C, D = [10, 10, 20, 20], [60, 10, 20, 20], [10, 60, 20, 20], [60, 60, 20, 20]
+HAND_GT = {
+    "images": [{"id": 1, "file_name": "1.jpg", "width": 100, "height": 100}],
+    "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": A, "area": 400, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": B, "area": 400, "iscrowd": 0},
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": C, "area": 400, "iscrowd": 0},
+    ],
+    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+}
+HAND_RESULTS = [
+    {"image_id": 1, "category_id": 1, "bbox": [11, 10, 20, 20], "score": 0.9},  # found: a on A
+    {"image_id": 1, "category_id": 1, "bbox": [60, 11, 20, 20], "score": 0.8},  # confusion: b taken for a
+    {"image_id": 1, "category_id": 1, "bbox": D, "score": 0.7},  # false alarm
+    {"image_id": 1, "category_id": 2, "bbox": A, "score": 0.3},  # below the threshold
+]  # object C (an a) is missed
+
+
+def test_confusion_matrix_on_known_misses_false_alarms_and_confusions():
+    matches = match_dataset(HAND_GT, HAND_RESULTS, [1])
+    matrix = confusion_matrix(matches, [1, 2], threshold=0.5)
+    # rows: true a, b, background; columns: predicted a, b, background
+    assert matrix.tolist() == [[1, 0, 1], [1, 0, 0], [1, 0, 0]]
+    # At threshold 0 the low b on A joins, pairing with nothing left (A is taken): a false alarm.
+    assert confusion_matrix(matches, [1, 2], threshold=0.0).tolist() == [[1, 0, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_precision_recall_f1_and_the_best_threshold_on_the_hand_built_image():
+    matches = match_dataset(HAND_GT, HAND_RESULTS, [1])
+    prf = precision_recall_f1(matches, [1, 2], threshold=0.5)
+    a, b, overall = prf[1], prf[2], prf["all"]
+    assert (a["tp"], a["fp"], a["fn"]) == (1, 2, 1)
+    assert a["precision"] == pytest.approx(1 / 3) and a["recall"] == pytest.approx(1 / 2)
+    assert a["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert (b["tp"], b["fp"], b["fn"]) == (0, 0, 1) and b["f1"] == 0
+    assert (overall["tp"], overall["fp"], overall["fn"]) == (1, 2, 2)
+    # F1 over thresholds: 0.9 -> 2/(1+0+3) = 0.5 is the best (every later detection is false).
+    assert overall["best_threshold"] == pytest.approx(0.9) and overall["best_f1"] == pytest.approx(0.5)
+    assert a["best_threshold"] == pytest.approx(0.9) and a["best_f1"] == pytest.approx(2 / 3)
+    assert image_errors(matches, 0.5) == [{"image_id": 1, "missed": 2, "false_positives": 2}]
+
+
+def test_a_detection_on_a_crowd_region_is_neither_found_nor_false():
+    gt = json.loads(json.dumps(HAND_GT))
+    gt["annotations"][2]["iscrowd"] = 1  # C becomes a crowd region of a
+    results = [{"image_id": 1, "category_id": 1, "bbox": C, "score": 0.9}]
+    prf = precision_recall_f1(match_dataset(gt, results, [1]), [1, 2], 0.5)
+    assert (prf[1]["tp"], prf[1]["fp"], prf[1]["fn"]) == (0, 0, 1)  # A missed; C is not an object
+
+
+def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
+    """``detrkit eval --report`` writes every part, and its numbers are the evaluation's."""
+    import torch
+
+    import detrkit
+    import detrkit.cli
+    from conftest import shapes_config
+
+    torch.manual_seed(0)
+    weights = tmp_path / "model.safetensors"
+    detrkit.save_model(detrkit.build_model(shapes_config()), weights)
+    report_dir, out = tmp_path / "report", tmp_path / "eval"
+    argv = ["eval", "--weights", str(weights), "--data", "synthetic", "--out", str(out)]
+    assert (
+        detrkit.cli.main([*argv, "--report", str(report_dir), "--threshold", "0.2", "--num-workers", "0"])
+        == 0
+    )
+    for name in ("report.md", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "pr_curves.png",
+                 "thresholds.png"):  # fmt: skip
+        assert (report_dir / name).stat().st_size > 0, name
+    report = json.loads((report_dir / "report.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"]["bbox/AP"] == metrics["bbox/AP"]
+    names = [r["name"] for r in report["per_class"]["bbox"]]
+    assert names == ["rectangle", "ellipse", "triangle", "diamond"]
+    counts = np.array(report["confusion_matrix"]["counts"])
+    objects = sum(r["objects"] for r in report["per_class"]["bbox"])
+    assert counts[:-1].sum() == objects  # every object is found, confused or missed exactly once
+    with open(report_dir / "per_class.csv") as f:
+        assert [row["name"] for row in csv.DictReader(f)] == names
+    worst = report["worst_images"]
+    assert worst and all((report_dir / w["picture"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for w in worst)
+    assert "worst/" in (report_dir / "report.md").read_text()
+    # A second report into the same folder is refused unless --overwrite.
+    capsys.readouterr()
+    assert detrkit.cli.main([*argv[:5], "--report", str(report_dir)]) == 2
+    assert "--report" in capsys.readouterr().err
