@@ -230,6 +230,19 @@ class CocoEvaluator:
         write_json_atomic(path, self.results)
 
 
+def per_class_ap(evaluator: Any) -> dict[str, float]:
+    """``{"bbox/AP/<class name>": AP, ...}`` (and ``segm/AP/...``) of a summarised
+    :class:`CocoEvaluator`, for the classes with ground truth; {} for other evaluators."""
+    if not isinstance(evaluator, CocoEvaluator):
+        return {}
+    return {
+        f"{iou_type}/AP/{row['name']}": row["AP"]
+        for iou_type in evaluator.iou_types
+        for row in evaluator.per_class(iou_type)
+        if row["AP"] >= 0
+    }
+
+
 def _mean_defined(values: np.ndarray) -> float:
     """The mean of the entries COCO has defined (> -1), else -1."""
     defined = values[values > -1]

@@ -81,6 +81,15 @@ class TrainConfig:
         None, "keep an exponential moving average of the weights (e.g. 0.9997); evaluation uses it"
     )
     eval_every: int = option(1, "evaluate every N epochs (0: at the end only)")
+    monitor: str = option(
+        "auto",
+        "metric that picks checkpoint_best and early stopping: bbox/AP (auto; PQ for panoptic runs), "
+        "bbox/AP50, segm/AP, PQ, val/loss, bbox/AP/<class name>, ...",
+    )
+    patience: int | None = option(
+        None, "stop after this many evaluations in a row without improving --monitor by more than --min-delta"
+    )
+    min_delta: float = option(0.0, "the smallest change of --monitor that counts as an improvement (0)")
     num_workers: int = option(2, "DataLoader worker processes")
     seed: int = option(42, "random seed")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
@@ -149,6 +158,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "max_bad_steps", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.patience is not None and self.patience < 1:
+            raise bad("patience", "must be at least 1 evaluation")
+        if not (0 <= self.min_delta < float("inf")):
+            raise bad("min_delta", "must be 0 or a positive number")
+        from .monitor import monitored_key
+
+        monitored_key(self.monitor, panoptic=self.panoptic, masks=bool(self.model.get("masks")))
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be at least 1")
         if not 1 <= self.query_groups <= 64:

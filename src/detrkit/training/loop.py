@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,10 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     bad_streak: int = 0  # consecutive non-finite losses
-    best_metric: float = -1.0
+    best_metric: float = -math.inf  # best monitored value so far (negated for a loss: higher is better)
+    patience_best: float = -math.inf  # the value that last reset the early-stopping count
+    evals_without_improvement: int = 0
+    stop_reason: str | None = None  # why the run ended before its epochs (early stopping)
     train_seconds: float = 0.0  # wall-clock time spent training (evaluation excluded)
     backbone_pretrained: bool = False  # the dense pretraining stage is done
     pretrain_seconds: float = 0.0  # of train_seconds, the pretraining stage's

@@ -47,6 +47,12 @@ def resumed_config(
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
     defaults = TrainConfig()  # for options an older run's config did not record
+    if "monitor" in overrides and overrides["monitor"] != base.get("monitor", defaults.monitor):
+        raise ConfigError(
+            f"--resume: monitor={overrides['monitor']!r} would compare with the best value of another metric "
+            f"(this run watches {base.get('monitor', defaults.monitor)!r}): keep it, or start a new run from "
+            f"--init-from {checkpoint}"
+        )
     fixed = {key: base.get(key, getattr(defaults, key)) for key in FIXED_ON_RESUME}
     fixed.update({f"model.{field}": value for field, value in model.items()})
     for key, value in overrides.items():
@@ -189,3 +195,16 @@ def check_schedule_change(
             f"--resume: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in changed)} leaves nothing to train: the "
             f"run is at epoch {state.epoch}, step {state.step} (epochs={cfg.epochs}, max_steps={cfg.max_steps})"
         )
+
+
+def check_early_stop(state: TrainState, cfg: TrainConfig) -> None:
+    """A resumed run that stopped early goes on only with a patience it has not yet exhausted (a
+    larger ``--patience``, or none); its count of evaluations without improvement goes on."""
+    if not state.stop_reason:
+        return
+    if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
+        raise ConfigError(
+            f"--resume: the run ended early at epoch {state.epoch} ({state.stop_reason}); give a larger "
+            "--patience (or none) to train on"
+        )
+    state.stop_reason = None

@@ -19,20 +19,26 @@ from ..data.coco import DatasetError
 from ..data.collate import SkipTracker
 from ..distributed import any_process, is_dist, is_main_process, pick_device, rank
 from ..errors import ConfigError
-from ..evaluation.coco import format_metrics
+from ..evaluation.coco import format_metrics, per_class_ap
 from ..evaluation.loop import build_evaluator, evaluate
 from ..models.criterion import build_criterion
 from ..models.detr import Detr
 from . import build
 from .config import TrainConfig
 from .loop import TrainState, refuse_non_finite, train_one_epoch
+from .monitor import Monitor, monitored_key
 from .pretrain import pretraining_stage
 from .progress import EpochBar
-from .resume import apply_new_rates, check_schedule_change, restore, resumed_config, training_checkpoint
+from .resume import (
+    apply_new_rates,
+    check_early_stop,
+    check_schedule_change,
+    restore,
+    resumed_config,
+    training_checkpoint,
+)
 from .run_dir import BEST, LAST, RunDir, epoch_record
 from .schedule import per_step_factor
-
-BEST_METRIC = "bbox/AP"  # panoptic runs keep the best panoptic/PQ
 
 
 class Trainer:
@@ -74,6 +80,8 @@ class Trainer:
         self.config = config
         self.device = pick_device(config.device)
         self.state = TrainState()
+        key = monitored_key(config.monitor, panoptic=config.panoptic, masks=bool(config.model.get("masks")))
+        self.monitor = Monitor(key, config.patience, config.min_delta)
 
         # The weights to start from are read first: a bad --init-from fails before any data is built.
         source = load_model(config.init_from) if saved is None and config.init_from else None
@@ -85,6 +93,7 @@ class Trainer:
         else:
             model = build.build_model(config, self.train_set, self.log, source)
         self.model: Detr = model.to(self.device)
+        self.monitor.check_classes(self.model.config.class_names or ())
         self.criterion = build_criterion(self.model.config).to(self.device)
         self.aid = build.build_aid(config, self.model, self.criterion, self.device)
         self.module: nn.Module = self.aid if self.aid is not None else self.model  # what trains
@@ -117,6 +126,7 @@ class Trainer:
         """Pretrain the backbone if the run needs it, then train epoch by epoch, evaluating every
         ``eval_every`` epochs and at the end; returns the last evaluation's metrics."""
         cfg = self.config
+        check_early_stop(self.state, cfg)
         self.run_dir.write_config(cfg.to_dict())
         self.log(build.describe(self.model, self.device))
         if self._more_epochs() and self._out_of_budget():  # only a resumed run can have spent it already
@@ -138,11 +148,15 @@ class Trainer:
             if finished or (cfg.eval_every and self.state.epoch % cfg.eval_every == 0):
                 metrics = record["val"] = self.evaluate()
                 line += self._keep_if_best(metrics)
+                if self.state.stop_reason:  # the same on every process: the metrics are gathered
+                    record["stop"], finished = self.state.stop_reason, True
             self.log(f"{line} ({time.time() - start:.0f}s)")
             self.run_dir.log_metrics(record)
             self.save(LAST)
             if finished:
                 break
+        if self.state.stop_reason:
+            self.log(self.state.stop_reason)
         if metrics and is_main_process():
             self.log(format_metrics(metrics))
             self.run_dir.write_final(metrics)
@@ -195,6 +209,7 @@ class Trainer:
             model, build.val_loader(self.config, self.val_set), evaluator, self.device,
             amp="none", criterion=self.criterion, skips=SkipTracker(warn=self.log),
         )  # fmt: skip
+        metrics.update(per_class_ap(evaluator))
         if metrics["images_unreadable"]:
             self.log(
                 f"WARNING: {metrics['images_unreadable']:.0f} of {metrics['images']:.0f} validation images "
@@ -253,12 +268,16 @@ class Trainer:
         return budget is not None and self.state.train_seconds >= 60 * budget
 
     def _keep_if_best(self, metrics: dict[str, float]) -> str:
-        """Save ``checkpoint_best.pth`` when ``metrics`` beat the best so far; the log text."""
-        key, name = ("panoptic/PQ", "PQ") if self.config.panoptic else (BEST_METRIC, "box AP")
-        if metrics[key] > self.state.best_metric:
-            self.state.best_metric = metrics[key]
+        """Save ``checkpoint_best.pth`` when the monitored metric beats the best so far, and note
+        an early stop in the state; the log text."""
+        best, self.state.stop_reason = self.monitor.update(metrics, self.state)
+        if best:
             self.save(BEST)
-        return f", val loss {metrics.get('val/loss', float('nan')):.4f}, {name} {100 * metrics[key]:.1f}"
+        key, value = self.monitor.key, self.monitor.value(metrics)
+        shown = f"{100 * value:.1f}" if self.monitor.maximize else f"{value:.4f}"
+        return f", val loss {metrics.get('val/loss', float('nan')):.4f}, {key} {shown}" + (
+            " *" if best else ""
+        )
 
     def _maybe_pretrain_backbone(self) -> None:
         """The dense backbone pretraining stage, when this run's backbone needs it."""
