@@ -51,7 +51,7 @@ def test_a_loss_is_minimised():
         ("PQ", True, True, "panoptic/PQ"),
         ("segm/AP", False, True, "segm/AP"),
         ("loss", False, False, "val/loss"),
-        ("bbox/AP/circle", False, False, "bbox/AP/circle"),
+        ("bbox/AP_per_class/circle", False, False, "bbox/AP_per_class/circle"),
     ],
 )
 def test_monitor_names(monitor, panoptic, masks, key):
@@ -106,10 +106,10 @@ def test_monitor_picks_the_best_checkpoint_and_per_class_ap_is_logged(tmp_path, 
     assert torch_load_safe(tmp_path / "run" / BEST)["state"]["epoch"] == best_epoch
     # Per-class AP of each evaluation, under the class names of the data.
     val = evaluations[-1]["val"]
-    per_class = {k: v for k, v in val.items() if k.startswith("bbox/AP/")}
+    per_class = {k: v for k, v in val.items() if k.startswith("bbox/AP_per_class/")}
     assert per_class and all(0 <= v <= 1 for v in per_class.values())
     names = torch_load_safe(tmp_path / "run" / LAST)["detrkit_config"]["class_names"]
-    assert {k.removeprefix("bbox/AP/") for k in per_class} <= set(names)
+    assert {k.removeprefix("bbox/AP_per_class/") for k in per_class} <= set(names)
 
 
 def test_a_changed_monitor_is_refused_on_resume(tmp_path, data_root):
@@ -120,5 +120,5 @@ def test_a_changed_monitor_is_refused_on_resume(tmp_path, data_root):
 
 def test_a_per_class_monitor_of_an_unknown_class_is_refused_before_training(tmp_path, data_root):
     with pytest.raises(ConfigError, match="no class 'hexagon' in the data"):
-        Trainer(tiny(tmp_path, data_root, monitor="bbox/AP/hexagon"))
+        Trainer(tiny(tmp_path, data_root, monitor="bbox/AP_per_class/hexagon"))
     assert not (tmp_path / "run" / LAST).exists()

@@ -231,12 +231,12 @@ class CocoEvaluator:
 
 
 def per_class_ap(evaluator: Any) -> dict[str, float]:
-    """``{"bbox/AP/<class name>": AP, ...}`` (and ``segm/AP/...``) of a summarised
+    """``{"bbox/AP_per_class/<class name>": AP, ...}`` (and ``segm/AP_per_class/...``) of a summarised
     :class:`CocoEvaluator`, for the classes with ground truth; {} for other evaluators."""
     if not isinstance(evaluator, CocoEvaluator):
         return {}
     return {
-        f"{iou_type}/AP/{row['name']}": row["AP"]
+        f"{iou_type}/AP_per_class/{row['name']}": row["AP"]
         for iou_type in evaluator.iou_types
         for row in evaluator.per_class(iou_type)
         if row["AP"] >= 0

@@ -84,13 +84,16 @@ class TrainConfig:
     monitor: str = option(
         "auto",
         "metric that picks checkpoint_best and early stopping: bbox/AP (auto; PQ for panoptic runs), "
-        "bbox/AP50, segm/AP, PQ, val/loss, bbox/AP/<class name>, ...",
+        "bbox/AP50, segm/AP, PQ, val/loss, bbox/AP_per_class/<class name>, ...",
     )
     patience: int | None = option(
         None, "stop after this many evaluations in a row without improving --monitor by more than --min-delta"
     )
     min_delta: float = option(0.0, "the smallest change of --monitor that counts as an improvement (0)")
     num_workers: int = option(2, "DataLoader worker processes")
+    log: str = option(
+        "", "experiment trackers, comma-separated: tensorboard, wandb, mlflow (e.g. --log tensorboard,mlflow)"
+    )
     seed: int = option(42, "random seed")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     init_from: str | None = option(
@@ -158,6 +161,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "max_bad_steps", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        from .loggers import parse_loggers
+
+        parse_loggers(self.log)
         if self.patience is not None and self.patience < 1:
             raise bad("patience", "must be at least 1 evaluation")
         if not (0 <= self.min_delta < float("inf")):

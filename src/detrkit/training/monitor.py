@@ -2,7 +2,7 @@
 early because the metric has stopped improving.
 
 ``--monitor`` names a key of the evaluation's metrics (``bbox/AP``, ``bbox/AP50``, ``segm/AP``,
-``panoptic/PQ``, ``val/loss``, a per-class ``bbox/AP/<class name>``, ...) or a short alias (``AP``,
+``panoptic/PQ``, ``val/loss``, a per-class ``bbox/AP_per_class/<class name>``, ...) or a short alias (``AP``,
 ``AP50``, ``PQ``, ``loss``). Losses are minimised, everything else maximised. ``--patience N`` ends
 the run after N evaluations in a row without an improvement of more than ``--min-delta`` over the
 best value seen (as Keras' and Lightning's ``EarlyStopping`` count); the counter is part of the
@@ -33,7 +33,7 @@ def monitored_key(monitor: str, *, panoptic: bool, masks: bool) -> str:
     else:
         known = [f"{t}/{n}" for t in (("bbox", "segm") if masks else ("bbox",)) for n in STAT_NAMES]
     parts = key.split("/", 2)
-    per_class = (  # bbox/AP/<class name>, segm/AP/<class name>
+    per_class = (  # bbox/AP_per_class/<class name>, segm/AP_per_class/<class name>
         not panoptic
         and len(parts) == 3
         and parts[1] == "AP"
@@ -42,7 +42,7 @@ def monitored_key(monitor: str, *, panoptic: bool, masks: bool) -> str:
     if key not in known and key != "val/loss" and not per_class:
         raise ConfigError(
             f"monitor={monitor!r}: this run's evaluation gives {', '.join(known[:6])}, ..., val/loss"
-            + (", or a class's bbox/AP/<name>" if not panoptic else "")
+            + (", or a class's bbox/AP_per_class/<name>" if not panoptic else "")
         )
     return key
 

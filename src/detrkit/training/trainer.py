@@ -25,6 +25,7 @@ from ..models.criterion import build_criterion
 from ..models.detr import Detr
 from . import build
 from .config import TrainConfig
+from .loggers import Loggers, parse_loggers, validation_pictures
 from .loop import TrainState, refuse_non_finite, train_one_epoch
 from .monitor import Monitor, monitored_key
 from .pretrain import pretraining_stage
@@ -136,6 +137,20 @@ class Trainer:
             )
         if cfg.backbone_pretrain_steps and not self.state.backbone_pretrained:
             self._maybe_pretrain_backbone()
+        names = parse_loggers(cfg.log) if is_main_process() else ()
+        resumed = bool(self.state.epoch or self.state.step)
+        with Loggers(names, self.run_dir.path, cfg.to_dict(), resume=resumed) as loggers:
+            metrics = self._epochs(loggers)
+        if self.state.stop_reason:
+            self.log(self.state.stop_reason)
+        if metrics and is_main_process():
+            self.log(format_metrics(metrics))
+            self.run_dir.write_final(metrics)
+        return metrics
+
+    def _epochs(self, loggers: Loggers) -> dict[str, float]:
+        """Train epoch by epoch until the run ends; returns the last evaluation's metrics."""
+        cfg = self.config
         skips = SkipTracker(warn=self.log)
         metrics: dict[str, float] = {}
         while self._more_epochs():
@@ -152,14 +167,12 @@ class Trainer:
                     record["stop"], finished = self.state.stop_reason, True
             self.log(f"{line} ({time.time() - start:.0f}s)")
             self.run_dir.log_metrics(record)
+            loggers.log_epoch(
+                record, lambda: validation_pictures(self.evaluated_model(), self.val_set, self.device)
+            )
             self.save(LAST)
             if finished:
                 break
-        if self.state.stop_reason:
-            self.log(self.state.stop_reason)
-        if metrics and is_main_process():
-            self.log(format_metrics(metrics))
-            self.run_dir.write_final(metrics)
         return metrics
 
     def train_epoch(self, skips: SkipTracker) -> dict[str, float]:
