@@ -196,3 +196,22 @@ def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
     capsys.readouterr()
     assert detrkit.cli.main([*argv[:5], "--report", str(report_dir)]) == 2
     assert "--report" in capsys.readouterr().err
+
+
+def test_a_warning_when_detections_fill_the_queries():
+    from detrkit.evaluation.coco import queries_warning
+
+    gt, _ = random_dataset(0, images=10)
+    busy = [
+        {"image_id": i, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}
+        for i in (1, 2)
+        for _ in range(8)
+    ]
+    calm = [{"image_id": i, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9} for i in range(3, 11)]
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    evaluator.results, evaluator.image_ids = busy + calm, set(range(1, 11))
+    message = queries_warning(evaluator, num_queries=10)
+    assert message and "on 2 of 10 images" in message and "model.num_queries" in message
+    evaluator.results = busy[:8] + calm  # one busy image of ten: below the share
+    assert queries_warning(evaluator, num_queries=10) is None
+    assert queries_warning(evaluator, num_queries=20) is None  # 8 of 20 queries: room left

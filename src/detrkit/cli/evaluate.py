@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.panoptic import CocoPanoptic
     from ..data.transforms import TransformConfig, eval_transforms
     from ..distributed import pick_device
-    from ..evaluation.coco import CocoEvaluator, format_metrics
+    from ..evaluation.coco import CocoEvaluator, format_metrics, queries_warning
     from ..evaluation.loop import (
         annotation_categories,
         build_evaluator,
@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(format_metrics(metrics))
+    dense = queries_warning(evaluator, model.config.num_queries)
+    if dense:
+        print(dense, file=sys.stderr)
     if args.report:
         evaluator.report(args.report, threshold=args.threshold, image_dir=dataset.image_dir, metrics=metrics)
         print(f"wrote the report to {Path(args.report) / 'report.md'}")

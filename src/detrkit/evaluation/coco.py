@@ -230,6 +230,27 @@ class CocoEvaluator:
         write_json_atomic(path, self.results)
 
 
+def queries_warning(
+    evaluator: Any, num_queries: int, *, score: float = 0.5, share: float = 0.1
+) -> str | None:
+    """A warning when the model's confident detections fill most of its queries (>= 80%) on more than
+    ``share`` of the images: the scenes hold more objects than ``num_queries`` can cover."""
+    if not isinstance(evaluator, CocoEvaluator) or not evaluator.image_ids:
+        return None
+    confident: dict[int, int] = {}
+    for r in evaluator.results:
+        if r["score"] >= score:
+            confident[r["image_id"]] = confident.get(r["image_id"], 0) + 1
+    full = sum(n >= 0.8 * num_queries for n in confident.values())
+    if full <= share * len(evaluator.image_ids):
+        return None
+    return (
+        f"WARNING: on {full} of {len(evaluator.image_ids)} images the model's detections scored >= {score:g} "
+        f"fill at least 80% of its {num_queries} queries: the scenes may hold more objects than it can "
+        "find; train with a larger model.num_queries (and evaluate with --max-dets to match)"
+    )
+
+
 def per_class_ap(evaluator: Any) -> dict[str, float]:
     """``{"bbox/AP_per_class/<class name>": AP, ...}`` (and ``segm/AP_per_class/...``) of a summarised
     :class:`CocoEvaluator`, for the classes with ground truth; {} for other evaluators."""

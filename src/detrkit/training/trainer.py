@@ -19,7 +19,7 @@ from ..data.coco import DatasetError
 from ..data.collate import SkipTracker
 from ..distributed import any_process, is_dist, is_main_process, pick_device, rank
 from ..errors import ConfigError
-from ..evaluation.coco import format_metrics, per_class_ap
+from ..evaluation.coco import format_metrics, per_class_ap, queries_warning
 from ..evaluation.loop import build_evaluator, evaluate
 from ..models.criterion import build_criterion
 from ..models.detr import Detr
@@ -223,6 +223,8 @@ class Trainer:
             amp="none", criterion=self.criterion, skips=SkipTracker(warn=self.log),
         )  # fmt: skip
         metrics.update(per_class_ap(evaluator))
+        for warning in filter(None, [queries_warning(evaluator, self.model.config.num_queries)]):
+            self.log(warning)
         if metrics["images_unreadable"]:
             self.log(
                 f"WARNING: {metrics['images_unreadable']:.0f} of {metrics['images']:.0f} validation images "
