@@ -179,3 +179,61 @@ def test_official_panoptic_repositories_know_their_stuff_classes(hub, tmp_path):
     result = _run(["-c", show], tmp_path / "home", endpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", "91", "249", "159", "panoptic"]
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    """Set huggingface_hub's endpoint (and clear offline mode and proxies) for _endpoint_reachable."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return lambda url: monkeypatch.setattr(constants, "ENDPOINT", url)
+
+
+def test_the_endpoint_probe(endpoint, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from detrkit.checkpoints.hub import _endpoint_reachable
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert _endpoint_reachable()
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert not _endpoint_reachable()  # offline mode: never probed
+    finally:
+        listener.close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    endpoint("http://127.0.0.1:9")
+    assert not _endpoint_reachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert _endpoint_reachable()  # through a proxy: left to huggingface_hub
+
+
+@pytest.mark.parametrize("url,address", [("https://hub.example", ("hub.example", 443)),
+                                          ("http://hub.example", ("hub.example", 80)),
+                                          ("http://hub.example:8080", ("hub.example", 8080))])  # fmt: skip
+def test_the_endpoint_probe_connects_to_the_scheme_port(endpoint, monkeypatch, url, address):
+    import socket
+
+    from detrkit.checkpoints.hub import _endpoint_reachable
+
+    tried = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(where, timeout):
+        tried.append(where)
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    endpoint(url)
+    assert _endpoint_reachable() and tried == [address]

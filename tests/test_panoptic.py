@@ -317,6 +317,7 @@ def test_an_image_whose_png_cannot_be_read_counts_its_segments_as_missed():
         {"id": 1, "category_id": 1, "iscrowd": 0},
         {"id": 2, "category_id": 1, "iscrowd": 0},
         {"id": 3, "category_id": 2, "iscrowd": 1},  # crowd: ignored, never a miss
+        {"id": 4, "category_id": 2},  # no iscrowd key: not a crowd
     ]
 
     def ground_truth(image_id):
@@ -329,13 +330,17 @@ def test_an_image_whose_png_cannot_be_read_counts_its_segments_as_missed():
     assert evaluator.num_images == 1
     tp, fp, fn, _ = evaluator.stats[evaluator._row[1]]
     assert (tp, fp, fn) == (0, 0, 2)
-    assert evaluator.stats[evaluator._row[2]].sum() == 0
+    assert evaluator.stats[evaluator._row[2]].tolist() == [0, 0, 1, 0]
 
 
 def test_pq_leaves_out_segments_absent_from_the_png():
     """A ``segments_info`` entry with no pixel cannot be found: perfect predictions still score 1."""
-    gt = strip([(0, 30, 1), (30, 100, 2)])
-    segments = [{"id": 1, "category_id": 4}, {"id": 2, "category_id": 100}, {"id": 9, "category_id": 4}]
-    stats = image_pq_stats(gt, segments, gt, segments[:2])
+    gt = strip([(0, 30, 1), (30, 99, 2), (99, 100, 3)])  # segment 3: a single pixel, still a segment
+    segments = [
+        {"id": 1, "category_id": 4}, {"id": 2, "category_id": 100},
+        {"id": 3, "category_id": 1}, {"id": 9, "category_id": 4},
+    ]  # fmt: skip
+    stats = image_pq_stats(gt, segments, gt, segments[:3])
     assert stats[4].tolist() == pytest.approx([1, 0, 0, 1.0])
+    assert stats[1].tolist() == pytest.approx([1, 0, 0, 1.0])
     assert summarize_pq(stats, ISTHING)["panoptic/PQ"] == pytest.approx(1.0)

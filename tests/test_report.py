@@ -215,3 +215,22 @@ def test_a_warning_when_detections_fill_the_queries():
     evaluator.results = busy[:8] + calm  # one busy image of ten: below the share
     assert queries_warning(evaluator, num_queries=10) is None
     assert queries_warning(evaluator, num_queries=20) is None  # 8 of 20 queries: room left
+
+
+def test_panoptic_report_per_class_averages_to_the_summary(tmp_path):
+    from detrkit.evaluation.pq import PanopticEvaluator
+
+    isthing = {1: True, 2: True, 100: False}
+    evaluator = PanopticEvaluator(isthing, ground_truth=None, category_ids=[1, 2, 100])
+    # tp, fp, fn, IoU sum per category (2 appears nowhere: left out of the averages)
+    evaluator.stats[:] = [[3, 1, 2, 2.4], [0, 0, 0, 0], [1, 0, 1, 0.9]]
+    summary = evaluator.summarize()
+    report = evaluator.report(tmp_path, metrics=summary)
+    rows = {r["category_id"]: r for r in report["per_class"]["panoptic"]}
+    assert set(rows) == {1, 100}
+    assert rows[1]["PQ"] == pytest.approx(2.4 / (3 + 0.5 + 1)) and rows[1]["SQ"] == pytest.approx(0.8)
+    assert rows[100]["RQ"] == pytest.approx(1 / 1.5) and (rows[100]["tp"], rows[100]["fn"]) == (1, 1)
+    assert np.mean([r["PQ"] for r in rows.values()]) == pytest.approx(summary["panoptic/PQ"])
+    assert rows[1]["PQ"] == pytest.approx(summary["panoptic/PQ_th"])
+    assert (tmp_path / "per_class.csv").read_text().splitlines()[0].startswith("category_id,isthing,PQ")
+    assert "## Per class (panoptic)" in (tmp_path / "report.md").read_text()
