@@ -56,3 +56,35 @@ def test_the_coco_layout_comes_first_and_a_missing_split_names_every_place_looke
     )
     with pytest.raises(DatasetError, match=r"no annotations for split 'test2017' .* the same for test\)"):
         resolve_split(root, "test2017")
+
+
+def test_cvat_and_label_studio_exports_train_and_are_checked(tmp_path, data_root, capsys):
+    import json
+
+    # CVAT's COCO 1.0: annotations/instances_default.json, the images in images/.
+    cvat = tmp_path / "cvat"
+    shutil.copytree(data_root / "train2017", cvat / "images")
+    (cvat / "annotations").mkdir()
+    shutil.copy(
+        data_root / "annotations/instances_train2017.json", cvat / "annotations/instances_default.json"
+    )
+    # Label Studio's COCO: result.json whose file names start with images/.
+    studio = tmp_path / "label-studio"
+    shutil.copytree(data_root / "train2017", studio / "images")
+    data = json.loads((data_root / "annotations/instances_train2017.json").read_text())
+    for image in data["images"]:
+        image["file_name"] = f"images/{image['file_name']}"
+    (studio / "result.json").write_text(json.dumps(data))
+    for root, ann, images in (
+        (cvat, cvat / "annotations/instances_default.json", cvat / "images"),
+        (studio, studio / "result.json", studio),
+    ):
+        assert resolve_split(root, "train2017") == resolve_split(root, "val2017") == (ann, images)
+        messages = []
+        metrics = Trainer(tiny(tmp_path / root.name, root, epochs=1), log=messages.append).fit()
+        assert metrics["images"] == 8  # one file: validated on the training images, and told so
+        assert any("used for training and validation alike" in m for m in messages)
+        capsys.readouterr()
+        assert detrkit.cli.main(["data", "check", str(root)]) == 0
+        out = capsys.readouterr().out
+        assert str(ann) in out and "images not checked" not in out

@@ -16,11 +16,62 @@ def add_parser(sub) -> None:
         help="also check the data against this model: classes it does not know, xyxy-looking boxes, objects "
         "too small for its input size, too few examples, more objects than queries",
     )  # fmt: skip
+    p.add_argument(
+        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
+        help="format of the dataset (default: detected)",
+    )  # fmt: skip
     p.set_defaults(run=run_check)
+    c = data.add_parser("convert", help="convert a dataset to COCO, YOLO or Pascal VOC")
+    c.add_argument("source", metavar="SRC", help="a dataset in any format detrkit reads")
+    c.add_argument("target", metavar="DST", help="the folder to write (new, or empty)")
+    c.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="the format to write")
+    c.add_argument(
+        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
+        help="format of SRC (default: detected)",
+    )  # fmt: skip
+    c.add_argument("--segments", action="store_true", help="YOLO: write polygons where objects have them")
+    c.add_argument("--overwrite", action="store_true", help="write into a DST that is not empty")
+    c.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..data.convert import convert
+
+    dropped = convert(
+        args.source, args.target, args.to, data_format=args.data_format, segments=args.segments,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"wrote {args.target} ({args.to})")
+    for line in dropped:
+        print(f"not carried: {line}")
+    return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from ..data.check import check_annotations, find_annotation_files
+    from pathlib import Path
+
+    from ..data.check import check_annotations, check_dataset, find_annotation_files
+    from ..data.formats import detect_format
+
+    more = None
+    if args.model is not None:
+        from ..checkpoints.io import load_model
+        from ..evaluation.doctor import check_for_model
+
+        config = load_model(args.model).config
+
+        def more(data, report):
+            check_for_model(data, config, report)
+
+    kind = args.data_format
+    if kind == "auto" and Path(args.path).exists():
+        kind = detect_format(Path(args.path))
+    if kind not in ("auto", "coco"):
+        reports = check_dataset(args.path, kind, more)
+        print(f"{args.path}: a {kind} dataset, {len(reports)} split(s)")
+        for report in reports:
+            print(report.summary())
+        return 0 if all(r.ok for r in reports) else 1
 
     pairs = find_annotation_files(args.path)
     if args.images is not None:
@@ -30,21 +81,15 @@ def run_check(args: argparse.Namespace) -> int:
             f"detrkit data check: error: no instances_*.json under {args.path}/annotations", file=sys.stderr
         )
         return 2
-    config = None
-    if args.model is not None:
-        from ..checkpoints.io import load_model
-
-        config = load_model(args.model).config
     ok = True
     for ann, image_dir in pairs:
         report = check_annotations(ann, image_dir)
         if image_dir is None:
             report.warn("images not checked", "no image folder found (pass --images DIR)")
-        if config is not None and report.ok:
-            from ..evaluation.doctor import check_for_model
+        if more is not None and report.ok:
             from ..fileio import read_json_file
 
-            check_for_model(read_json_file(ann, what="annotation file"), config, report)
+            more(read_json_file(ann, what="annotation file"), report)
         print(report.summary())
         ok = ok and report.ok
     return 0 if ok else 1

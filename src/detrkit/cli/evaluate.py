@@ -14,6 +14,10 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help='dataset root, an instances JSON, or "synthetic"')
     p.add_argument("--split", default="val2017")
     p.add_argument(
+        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
+        help="format of --data (default: detected)",
+    )  # fmt: skip
+    p.add_argument(
         "--panoptic", action="store_true", help="PQ on COCO panoptic annotations (panoptic models)"
     )
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints.io import load_model
     from ..data.coco import CocoDetection, DatasetError
     from ..data.collate import SkipTracker, collate
-    from ..data.layout import resolve_panoptic, resolve_split
+    from ..data.formats import open_split
+    from ..data.layout import resolve_panoptic
     from ..data.panoptic import CocoPanoptic
     from ..data.transforms import TransformConfig, eval_transforms
     from ..distributed import pick_device
@@ -91,10 +96,13 @@ def run(args: argparse.Namespace) -> int:
         cmap = model_category_map(model.config, categories)
         dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
     else:
-        ann, images = resolve_split(root, split)
-        categories = annotation_categories(ann)
+        opened = open_split(root, split, "coco" if args.data == "synthetic" else args.data_format)
+        ann = opened.source
+        categories = annotation_categories(opened.annotations)
         cmap = model_category_map(model.config, categories)
-        dataset = CocoDetection(images, ann, transforms, category_map=cmap, masks=model.config.masks)
+        dataset = CocoDetection(
+            opened.images, opened.annotations, transforms, category_map=cmap, masks=model.config.masks
+        )
     clashes = name_clashes(cmap, categories)
     if clashes:
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,15 +58,22 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def check_annotations(
-    ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True
+    ann_file: str | os.PathLike | dict,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    check_images: bool = True,
 ) -> CheckReport:
-    """Check a COCO instances JSON (and, with ``image_dir``, that its images exist and match)."""
-    report = CheckReport(str(ann_file))
-    try:
-        data = read_json_file(ann_file, what="annotation file")
-    except ValueError as e:
-        report.error("unreadable annotation file", str(e))
-        return report
+    """Check a COCO instances JSON, or the COCO dict a reader of another format built (and, with
+    ``image_dir``, that its images exist and match)."""
+    if isinstance(ann_file, dict):  # another format's annotations, read into a COCO dict
+        report, data = CheckReport(str(getattr(ann_file, "source", "<annotations>"))), ann_file
+    else:
+        report = CheckReport(str(ann_file))
+        try:
+            data = read_json_file(ann_file, what="annotation file")
+        except ValueError as e:
+            report.error("unreadable annotation file", str(e))
+            return report
     # The loader's own structural check: the same problems, named the same way. The checks below
     # read the entries, so they run only on a file whose structure is sound.
     problems = structure_problems(data)
@@ -145,10 +153,34 @@ def find_annotation_files(root: str | os.PathLike) -> list[tuple[Path, Path | No
     pairs = []
     for ann in sorted((root / "annotations").glob("instances_*.json")):
         split = ann.stem.removeprefix("instances_")
-        pairs.append((ann, root / split if (root / split).is_dir() else None))
+        # COCO: <split>/; CVAT: images/<split>/, or images/ for its one-file export (instances_default).
+        folders = [root / split, root / "images" / split, root / "images"]
+        pairs.append((ann, next((f for f in folders if f.is_dir()), None)))
+    if (root / "result.json").is_file():  # Label Studio's COCO export: file names relative to the root
+        pairs.append((root / "result.json", root))
     # Exports keep one annotation file per split folder (Roboflow: train/_annotations.coco.json).
     for pattern, images in (("*/_annotations.coco.json", "."), ("*/annotations.json", "images")):
         for ann in sorted(root.glob(pattern)):
             folder = ann.parent / images
             pairs.append((ann, folder if folder.is_dir() else None))
     return pairs
+
+
+def check_dataset(
+    root: str | os.PathLike, data_format: str, more: Callable[[dict, CheckReport], None] | None = None
+) -> list[CheckReport]:
+    """One report per split of a YOLO, VOC or LabelMe dataset: what its reader could not read
+    (file and line or entry named), then the checks of a COCO file on what it read, then ``more``
+    (e.g. the checks against a model) on a split without errors."""
+    from .formats import open_split, splits_of
+
+    reports = []
+    for split in splits_of(Path(root), data_format):
+        opened = open_split(root, split, data_format, strict=False)
+        report = check_annotations(opened.annotations, opened.images)
+        for kind, detail in opened.problems:
+            report.error(kind, detail)
+        if more is not None and report.ok:
+            more(opened.annotations, report)
+        reports.append(report)
+    return reports

@@ -78,7 +78,8 @@ class CategoryMap:
 
 def _load_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(source, Mapping):
-        return dict(source), "<in-memory annotations>"
+        # A reader's dict of another format (detrkit.data.formats.Annotations) names its source.
+        return dict(source), getattr(source, "source", "<in-memory annotations>")
     path = Path(source)
     data = read_json_file(path, error=DatasetError, what="annotation file")
     if not isinstance(data, dict):

@@ -20,9 +20,16 @@ def split_candidates(root: Path, split: str) -> list[tuple[Path, Path]]:
     for name in (split, *SPLIT_ALIASES.get(split, ())):
         candidates += [
             (root / "annotations" / f"instances_{name}.json", root / name),
+            (root / "annotations" / f"instances_{name}.json", root / "images" / name),  # CVAT subsets
             (root / name / "_annotations.coco.json", root / name),
             (root / name / "annotations.json", root / name / "images"),
         ]
+    # One-file exports, whatever the split: CVAT's COCO 1.0 (file names relative to images/) and
+    # Label Studio's COCO (file names such as images/abc.jpg, relative to the export's root).
+    candidates += [
+        (root / "annotations" / "instances_default.json", root / "images"),
+        (root / "result.json", root),
+    ]
     return candidates
 
 
@@ -37,9 +44,12 @@ def resolve_split(root: Path, split: str) -> tuple[Path, Path]:
                 return root, images
         return root, root.parent
     candidates = split_candidates(root, split)
-    for ann, images in candidates:
-        if ann.is_file():
+    found = [(ann, images) for ann, images in candidates if ann.is_file()]
+    for ann, images in found:  # the first whose image folder is there, else the first
+        if images.is_dir():
             return ann, images
+    if found:
+        return found[0]
     tried = ", ".join(str(a) for a, _ in candidates[:3])
     raise DatasetError(
         f"{root}: no annotations for split {split!r} (looked for {tried}"

@@ -111,10 +111,16 @@ def build_evaluator(
 def annotation_categories(path) -> list[dict]:
     """The ``categories`` of a COCO annotation file (read before the dataset, whose label space
     they decide); a file that is not a COCO JSON object is refused naming it."""
-    data = read_json_file(path, error=DatasetError, what="annotation file")
+    # A reader of another format has built the dict already.
+    data = (
+        path if isinstance(path, dict) else read_json_file(path, error=DatasetError, what="annotation file")
+    )
     categories = data.get("categories", []) if isinstance(data, dict) else None
     if not isinstance(categories, list) or not all(isinstance(c, dict) and "id" in c for c in categories):
-        raise DatasetError(f"{path}: expected a JSON object whose 'categories' is a list of {{'id', 'name'}}")
+        where = getattr(path, "source", path)
+        raise DatasetError(
+            f"{where}: expected a JSON object whose 'categories' is a list of {{'id', 'name'}}"
+        )
     return categories
 
 

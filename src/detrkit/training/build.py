@@ -22,8 +22,9 @@ from ..amp import resolve_amp
 from ..checkpoints.io import load_model
 from ..data.coco import CocoDetection, DatasetError
 from ..data.collate import AspectRatioBatchSampler, ShardSampler, collate
+from ..data.formats import open_split
 from ..data.images import ImageLoadError, load_image
-from ..data.layout import resolve_panoptic, resolve_split
+from ..data.layout import resolve_panoptic
 from ..data.panoptic import CocoPanoptic
 from ..data.synthetic import SynthConfig, ensure_synthetic, synthetic_root
 from ..data.transforms import TransformConfig, eval_transforms, train_transforms
@@ -96,21 +97,24 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
         )
         check_some_image_loads(val, "validation")
         return Datasets(train, val, lambda: train)
-    train_ann, train_dir = resolve_split(root, cfg.train_split)
-    val_ann, val_dir = resolve_split(root, cfg.val_split)
-    if val_ann == train_ann:
+    data_format = "coco" if cfg.data == "synthetic" else cfg.data_format
+    train_split = open_split(root, cfg.train_split, data_format)
+    val_split = open_split(root, cfg.val_split, data_format)
+    if val_split.source == train_split.source:
         log(
-            f"WARNING: --data {cfg.data} is one annotation file: it is used for training and validation "
-            "alike, so validation measures memorisation. Give a dataset root with both splits."
+            f"WARNING: --data {cfg.data} has one set of annotations: it is used for training and validation "
+            "alike, so validation measures memorisation. Give a dataset with both splits."
         )
-    train = CocoDetection(train_dir, train_ann, augmentation, masks=masks)
+    train = CocoDetection(train_split.images, train_split.annotations, augmentation, masks=masks)
     # COCO AP reads the whole annotation file (crowd regions included); targets drop crowds.
     val = CocoDetection(
-        val_dir, val_ann, eval_transforms(sizes), masks=masks, category_map=train.category_map
-    )
+        val_split.images, val_split.annotations, eval_transforms(sizes), masks=masks,
+        category_map=train.category_map,
+    )  # fmt: skip
     log(
-        f"data: {len(train)} training images ({train_ann}), {len(val)} validation images ({val_ann}), "
-        f"{train.category_map.num_classes} classes"
+        f"data ({train_split.format}): {len(train)} training images ({train_split.source}), {len(val)} "
+        f"validation images ({val_split.source}), {train.category_map.num_classes} classes "
+        f"({', '.join(train.category_map.names[:8])}{', ...' if train.category_map.num_classes > 8 else ''})"
     )
     check_some_image_loads(val, "validation")
     # The dense backbone pretraining needs the masks even when DETR itself does not.

@@ -38,6 +38,7 @@ class TrainConfig:
     data: str = option(
         "synthetic", 'dataset root (COCO layout or Roboflow-style export), an instances JSON, or "synthetic"'
     )
+    data_format: str = option("auto", "format of --data: auto (detected), coco, yolo, voc or labelme")
     train_split: str = option("train2017", "name of the training split (annotations/instances_<split>.json)")
     val_split: str = option("val2017", "name of the validation split")
     output_dir: str = option("runs/detr", "run folder: checkpoints, metrics.jsonl, results")
@@ -141,6 +142,8 @@ class TrainConfig:
         for name in ("eval_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 or more")
+        if self.data_format not in ("auto", "coco", "yolo", "voc", "labelme"):
+            raise bad("data_format", "expected auto, coco, yolo, voc or labelme")
         if self.synth_shapes not in ("basic", "other"):
             raise bad("synth_shapes", "expected 'basic' or 'other'")
         if self.synth_images < 1:
