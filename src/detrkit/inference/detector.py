@@ -66,6 +66,48 @@ class Detections:
             out["segments_info"] = self.segments_info
         return out
 
+    def to_supervision(self) -> Any:
+        """These detections as ``supervision.Detections`` (``xyxy``, ``confidence``, ``class_id``
+        = the category ids, ``mask`` for instance masks, and the names as ``data["class_name"]``)."""
+        sv = _supervision()
+        return sv.Detections(
+            xyxy=self.boxes.detach().cpu().numpy().astype(np.float32).reshape(-1, 4),
+            confidence=self.scores.detach().cpu().numpy().astype(np.float32),
+            class_id=self.labels.detach().cpu().numpy().astype(int),
+            mask=self.masks.detach().cpu().numpy().astype(bool) if self.masks is not None else None,
+            data={"class_name": np.array(list(self.names), dtype=str)},
+        )
+
+    @classmethod
+    def from_supervision(cls, detections: Any, class_names: Sequence[str] | None = None) -> Detections:
+        """``supervision.Detections`` as :class:`Detections`, highest score first. Names come from
+        ``data["class_name"]``, else ``class_names[class_id]``, else the id itself."""
+        count = len(detections)
+        scores = detections.confidence if detections.confidence is not None else np.ones(count)
+        ids = detections.class_id if detections.class_id is not None else np.zeros(count, dtype=int)
+        if "class_name" in getattr(detections, "data", {}):
+            names = [str(n) for n in detections.data["class_name"]]
+        else:
+            names = [class_names[i] if class_names is not None else str(i) for i in ids.tolist()]
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        return cls(
+            boxes=torch.as_tensor(np.asarray(detections.xyxy, dtype=np.float32)[order]).reshape(-1, 4),
+            scores=torch.as_tensor(np.asarray(scores, dtype=np.float32)[order]),
+            labels=torch.as_tensor(np.asarray(ids, dtype=np.int64)[order]),
+            names=[names[i] for i in order],
+            masks=torch.as_tensor(detections.mask[order]) if detections.mask is not None else None,
+        )
+
+
+def _supervision():
+    try:
+        import supervision
+    except ImportError as e:
+        from ..errors import MissingExtra
+
+        raise MissingExtra("supervision interop", "supervision", e) from e
+    return supervision
+
 
 def check_probability(value: float, name: str) -> None:
     """Refuse a score threshold that is not a number in [0, 1] (NaN would keep nothing, silently)."""
