@@ -59,10 +59,10 @@ def test_each_flag_sets_its_own_field(name):
 def test_flags_reach_the_config_over_preset_and_file(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("epochs: 7\nlr: 0.001\n")
-    argv = ["train", "--preset", "cpu-tiny", "--config", str(config), "--epochs", "3", "--no-augment"]
+    argv = ["train", "--preset", "cpu-tiny", "--config", str(config), "--epochs", "3", "--augment", "none"]
     args = build_parser().parse_args(argv)
     cfg = build_config(args.preset, args.config, overrides_of(args))
-    assert (cfg.epochs, cfg.lr, cfg.augment, cfg.batch_size) == (3, 0.001, False, 16)
+    assert (cfg.epochs, cfg.lr, cfg.augment, cfg.batch_size) == (3, 0.001, "none", 16)
 
 
 def test_no_flag_given_overrides_nothing():

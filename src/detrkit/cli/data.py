@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .args import non_negative_int, positive_float, positive_int, probability
+
 
 def add_parser(sub) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -32,6 +34,52 @@ def add_parser(sub) -> None:
     c.add_argument("--segments", action="store_true", help="YOLO: write polygons where objects have them")
     c.add_argument("--overwrite", action="store_true", help="write into a DST that is not empty")
     c.set_defaults(run=run_convert)
+    add_preview_parser(data)
+
+
+def add_preview_parser(data) -> None:
+    p = data.add_parser("preview", help="a grid of augmented training samples with their boxes")
+    p.add_argument("data", help='a dataset in any format detrkit reads, or "synthetic"')
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--split", default="train2017")
+    p.add_argument("--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"))
+    p.add_argument("--count", type=positive_int, default=16, help="samples in the grid (16)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--image-scale", type=positive_float, default=1.0, help="as in train (1.0)")
+    p.add_argument("--augment", default="paper", choices=("none", "light", "paper", "strong"))
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--crop", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--scale-min", type=positive_int, default=None)
+    p.add_argument("--scale-max", type=positive_int, default=None)
+    p.add_argument("--color-jitter", type=probability, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=run_preview)
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..data.coco import CocoDetection
+    from ..data.formats import open_split
+    from ..data.preview import write_preview
+    from ..data.synthetic import SynthConfig, ensure_synthetic, synthetic_root
+    from ..data.transforms import augmentation
+    from ..fileio import check_output
+
+    check_output(args.out, option="--out", overwrite=args.overwrite)
+    transforms = augmentation(
+        args.augment, args.image_scale, hflip=args.hflip, crop=args.crop, scale_min=args.scale_min,
+        scale_max=args.scale_max, color_jitter=args.color_jitter,
+    )  # fmt: skip
+    root, data_format = Path(args.data), args.data_format
+    if args.data == "synthetic":
+        root, data_format = synthetic_root(Path(args.out).parent, "basic"), "coco"
+        ensure_synthetic(root, SynthConfig(images=args.count), {"train": args.count})
+    opened = open_split(root, args.split, data_format)
+    dataset = CocoDetection(opened.images, opened.annotations, transforms)
+    path = write_preview(dataset, args.out, count=args.count, seed=args.seed)
+    print(f"wrote {path}: {args.count} samples of {opened.source} ({args.augment} augmentation)")
+    return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:

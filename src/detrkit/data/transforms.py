@@ -39,6 +39,8 @@ class TransformConfig:
     crop_max: int = 600
     eval_size: int = 800
     hflip_prob: float = 0.5
+    crop_prob: float = 0.5  # the share of samples that take the crop branch
+    color_jitter: float = 0.0  # brightness, contrast and saturation jitter (hue a quarter of it)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -47,6 +49,9 @@ class TransformConfig:
             raise ConfigError(f"train_scales={self.train_scales}: need at least one positive size")
         if not 1 <= self.crop_min <= self.crop_max:
             raise ConfigError(f"need 1 <= crop_min <= crop_max, got {self.crop_min}, {self.crop_max}")
+        for name in ("hflip_prob", "crop_prob", "color_jitter"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 1]")
         if self.max_size < max(self.train_scales + (self.eval_size,)):
             raise ConfigError(f"max_size={self.max_size} is smaller than a requested shorter side")
         object.__setattr__(self, "train_scales", tuple(self.train_scales))
@@ -172,13 +177,66 @@ def train_transforms(config: TransformConfig | None = None) -> v2.Compose:
             RandomResize(config.train_scales, max_size=config.max_size),
         ]
     )
+    jitter = config.color_jitter
+    colour = (
+        [v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 4)]
+        if jitter
+        else []
+    )
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(config.hflip_prob),
-            v2.RandomChoice([resize, crop_then_resize]),
+            v2.RandomChoice([resize, crop_then_resize], p=[1 - config.crop_prob, config.crop_prob]),
+            *colour,
             *_finish(config),
         ]
     )
+
+
+AUGMENT_PRESETS = ("none", "light", "paper", "strong")
+
+
+def augmentation(
+    preset: str = "paper",
+    scale: float = 1.0,
+    *,
+    hflip: bool | None = None,
+    crop: bool | None = None,
+    scale_min: int | None = None,
+    scale_max: int | None = None,
+    color_jitter: float | None = None,
+) -> v2.Compose:
+    """The training transforms of an augmentation ``preset`` at image ``scale``, with switches
+    (None: the preset's). Presets: ``none`` (the evaluation resize only), ``light`` (flips and
+    resizes of the larger half of the paper's sizes), ``paper`` (DETR's: flips, resizes of the
+    shorter side to 480-800, crops), ``strong`` (paper and colour jitter 0.3). ``scale_min`` /
+    ``scale_max``: the range of training shorter sides in the paper's pixels (times ``scale``)."""
+    if preset not in AUGMENT_PRESETS:
+        raise ConfigError(f"augment={preset!r}: expected one of {', '.join(AUGMENT_PRESETS)}")
+    paper = TransformConfig()
+    low, high = {"none": (paper.eval_size, paper.eval_size), "light": (608, 800)}.get(preset, (480, 800))
+    low, high = scale_min or low, scale_max or high
+    if not 0 < low <= high:
+        raise ConfigError(f"scale_min={low}, scale_max={high}: need 0 < scale_min <= scale_max")
+    switches = (hflip, crop, scale_min, scale_max, color_jitter)
+    if preset == "none" and all(v is None for v in switches):
+        return eval_transforms(TransformConfig.scaled(scale))
+    flips = preset != "none" if hflip is None else hflip
+    crops = preset in ("paper", "strong") if crop is None else crop
+    jitter = (0.3 if preset == "strong" else 0.0) if color_jitter is None else color_jitter
+    base = TransformConfig.scaled(scale)
+    if (low, high) == (480, 800):
+        train_scales = base.train_scales  # the paper's, exactly
+    else:
+        if high > paper.max_size:
+            raise ConfigError(f"scale_max={high}: at most {paper.max_size} (the longest side allowed)")
+        sizes = set(range(low, high + 1, 32)) | {high}
+        train_scales = tuple(sorted({max(8, int(round(x * scale))) for x in sizes}))
+    config = TransformConfig.scaled(
+        scale, train_scales=train_scales, hflip_prob=0.5 if flips else 0.0,
+        crop_prob=0.5 if crops else 0.0, color_jitter=jitter,
+    )  # fmt: skip
+    return train_transforms(config)
 
 
 def eval_transforms(config: TransformConfig | None = None) -> v2.Compose:

@@ -27,7 +27,7 @@ from ..data.images import ImageLoadError, load_image
 from ..data.layout import resolve_panoptic
 from ..data.panoptic import CocoPanoptic
 from ..data.synthetic import SynthConfig, ensure_synthetic, synthetic_root
-from ..data.transforms import TransformConfig, eval_transforms, train_transforms
+from ..data.transforms import TransformConfig, augmentation, eval_transforms
 from ..distributed import is_dist, is_main_process, rank, world_size
 from ..errors import ConfigError
 from ..models.config import DetrConfig
@@ -66,6 +66,14 @@ class Datasets:
     train_with_masks: Callable[[], Dataset]
 
 
+def training_augmentation(cfg: TrainConfig):
+    """The training transforms ``cfg`` asks for: its ``augment`` preset and switches."""
+    return augmentation(
+        cfg.augment, cfg.image_scale, hflip=cfg.hflip, crop=cfg.crop, scale_min=cfg.scale_min,
+        scale_max=cfg.scale_max, color_jitter=cfg.color_jitter,
+    )  # fmt: skip
+
+
 def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
     """``cfg.data`` as training and validation sets (the synthetic dataset is written under ``out``
     first, by the main process)."""
@@ -85,7 +93,7 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
         root = Path(cfg.data)
     masks = bool(cfg.model.get("masks", False))
     sizes = TransformConfig.scaled(cfg.image_scale)
-    augmentation = train_transforms(sizes) if cfg.augment else eval_transforms(sizes)
+    augmentation = training_augmentation(cfg)
     if cfg.panoptic:
         train_ann, train_dir, train_png = resolve_panoptic(root, cfg.train_split)
         val_ann, val_dir, val_png = resolve_panoptic(root, cfg.val_split)

@@ -45,7 +45,25 @@ class TrainConfig:
     # Set with --set model.KEY=VALUE (and --masks): a dict has no single flag.
     model: dict[str, Any] = option(help="DetrConfig fields of the model", flag=False, default_factory=dict)
     image_scale: float = option(1.0, "scale all augmentation sizes (1.0 = the paper's 800/1333; 0.2 for CPU)")
-    augment: bool = option(True, "random flips, resizes and crops (--no-augment: the evaluation resize only)")
+    augment: str = option(
+        "paper",
+        "augmentation preset: none (the evaluation resize only), light, paper (DETR's flips, multi-scale "
+        "resizes and crops) or strong (paper + colour jitter)",
+    )
+    hflip: bool | None = option(
+        None, "horizontal flips (--no-hflip: data that must not be mirrored; default: the preset's)"
+    )
+    crop: bool | None = option(None, "random crops (default: the preset's)")
+    scale_min: int | None = option(
+        None, "smallest training shorter side in the paper's pixels, times --image-scale (480)"
+    )
+    scale_max: int | None = option(
+        None, "largest training shorter side in the paper's pixels, times --image-scale (800)"
+    )
+    color_jitter: float | None = option(
+        None,
+        "brightness/contrast/saturation jitter strength in [0, 1] (default: the preset's: 0.3 for strong)",
+    )
     # COCO panoptic data (annotations/panoptic_{split}.json + PNGs): things and stuff, mask head on,
     # evaluated with PQ. Otherwise instances JSON (boxes; masks too with model.masks).
     panoptic: bool = option(False, "COCO panoptic data: things + stuff with masks, PQ evaluation")
@@ -117,6 +135,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):  # on/off, as older configs (and checkpoints) hold it
+            object.__setattr__(self, "augment", "paper" if self.augment else "none")
         check_types(self)
         self.validate()
 
@@ -144,6 +164,18 @@ class TrainConfig:
                 raise bad(name, "must be 0 or more")
         if self.data_format not in ("auto", "coco", "yolo", "voc", "labelme"):
             raise bad("data_format", "expected auto, coco, yolo, voc or labelme")
+        from ..data.transforms import augmentation
+
+        # Built once here to refuse a bad preset or switch, naming it, before any work.
+        augmentation(
+            self.augment,
+            self.image_scale,
+            hflip=self.hflip,
+            crop=self.crop,
+            scale_min=self.scale_min,
+            scale_max=self.scale_max,
+            color_jitter=self.color_jitter,
+        )  # fmt: skip
         if self.synth_shapes not in ("basic", "other"):
             raise bad("synth_shapes", "expected 'basic' or 'other'")
         if self.synth_images < 1:
