@@ -244,16 +244,22 @@ def _draw_worst(evaluator, matches, errors, image_dir: Path, out: Path, threshol
         except ImageLoadError:
             written.append({**error, "picture": None})
             continue
+        # Small images are enlarged so that the labels stay legible.
+        zoom = max(1.0, 480 / max(image.size))
+        if zoom > 1:
+            image = image.resize(
+                (round(image.width * zoom), round(image.height * zoom)), Image.Resampling.BICUBIC
+            )
         missed = m.missed(threshold)
         left = draw_boxes(
-            image.copy(), _xyxy(m.gt_boxes),
+            image.copy(), _xyxy(m.gt_boxes * zoom),
             [names.get(int(c), str(c)) + (" MISSED" if x else "") for c, x in zip(m.gt_categories, missed)],
             m.gt_categories.tolist(),
         )  # fmt: skip
         keep = (m.scores >= threshold) & ~m.ignored
         false = m.false_positives(threshold)[keep]
         right = draw_boxes(
-            image.copy(), _xyxy(m.boxes[keep]),
+            image.copy(), _xyxy(m.boxes[keep] * zoom),
             [f"{names.get(int(c), str(c))} {s:.2f}" + (" FP" if f else "")
              for c, s, f in zip(m.categories[keep], m.scores[keep], false)],
             m.categories[keep].tolist(),
