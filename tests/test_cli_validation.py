@@ -91,7 +91,10 @@ BAD_FILES = [
     (["export", "--weights", "{missing}", "--out", "{out}/m.onnx"], "no such file or directory"),
     (["export", "--weights", "{hfdir}", "--out", "{out}/m.onnx"], "config.json: not valid JSON"),
     (["data", "check", "{missing}"], "no instances_*.json"),
-    (["train", "--data", "{missing}", "--output-dir", "{out}/run"], "no annotations for split"),
+    (
+        ["train", "--data", "{missing}", "--output-dir", "{out}/run"],
+        "nothing-here: no such file or directory",
+    ),
     (["train", "--data", "{badjson}", "--output-dir", "{out}/run"], "not valid JSON"),
     (["train", "--data", "{latin1}", "--output-dir", "{out}/run"], "is not UTF-8 text"),
     (["train", "--config", "{garbage}", "--output-dir", "{out}/run"], "garbage.pth: not a config file"),

@@ -145,7 +145,7 @@ def test_each_format_loads_the_boxes_of_the_coco_original(datasets, coco_root, k
         assert_same_boxes(original(coco_root, split), dict(opened.annotations))
 
 
-@pytest.mark.parametrize("kind", ["detrkit-yolo", "supervision-voc", "labelme"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_each_format_trains_and_evaluates_with_data_alone(datasets, tmp_path, kind, capsys):
     root, data_format = datasets[kind]
     run = tmp_path / "run"
@@ -155,7 +155,10 @@ def test_each_format_trains_and_evaluates_with_data_alone(datasets, tmp_path, ki
             "--set", "model.dec_layers=1", "--set", "model.num_queries=10"]  # fmt: skip
     assert detrkit.cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert f"data ({data_format}): 8 training images" in out and "4 validation images" in out
+    expected = sum(len(v) for v in boxes_by_image(original(datasets["coco"][0], "train")).values())
+    assert (
+        f"data ({data_format}): 8 training images, {expected} objects" in out and "4 validation images" in out
+    )
     assert "4 classes (diamond, ellipse, rectangle, triangle)" in out or "(rectangle, ellipse" in out
     assert detrkit.cli.main(["eval", "--weights", str(run / "checkpoint_last.pth"), "--data", str(root),
                              "--num-workers", "0"]) == 0  # fmt: skip

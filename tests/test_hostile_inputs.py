@@ -167,7 +167,7 @@ def test_overwrite_destroys_nothing_when_the_new_run_is_refused(tmp_path, data_r
     before = (tmp_path / "run" / LAST).read_bytes()
     argv = ["train", "--data", tmp_path / "typo", "--output-dir", tmp_path / "run", "--overwrite"]
     code, _, err = run_cli(argv, capsys)
-    assert code == 2 and "no annotations for split" in err
+    assert code == 2 and "typo: no such file or directory" in err
     assert (tmp_path / "run" / LAST).read_bytes() == before
 
 

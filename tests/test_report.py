@@ -234,3 +234,41 @@ def test_panoptic_report_per_class_averages_to_the_summary(tmp_path):
     assert rows[1]["PQ"] == pytest.approx(summary["panoptic/PQ_th"])
     assert (tmp_path / "per_class.csv").read_text().splitlines()[0].startswith("category_id,isthing,PQ")
     assert "## Per class (panoptic)" in (tmp_path / "report.md").read_text()
+
+
+def test_max_dets_is_cocos_max_dets():
+    """``max_dets`` = pycocotools' last maxDets: AP and AR100 count that many detections per image
+    and class."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, results = random_dataset(4, images=10)
+    # Image 1: twelve confident false alarms of class 1, then the one detection that finds its object.
+    target = next(a for a in gt["annotations"] if a["image_id"] == 1 and not a["iscrowd"])
+    results = [r for r in results if r["image_id"] != 1]
+    results += [
+        {"image_id": 1, "category_id": target["category_id"], "bbox": [150, 150, 5, 5], "score": 0.9}
+    ] * 12
+    results += [{"image_id": 1, "category_id": target["category_id"], "bbox": target["bbox"], "score": 0.1}]
+    evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
+    evaluator.results, evaluator.image_ids = results, {i["id"] for i in gt["images"]}
+    evaluator.max_dets = 10
+    few = evaluator.summarize()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))
+        coco.createIndex()
+        reference = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
+        reference.params.maxDets = [1, 10, 10]
+        reference.evaluate()
+        reference.accumulate()
+    # pycocotools' own summary prints AP at maxDets=100 whatever maxDets holds: read its arrays.
+    precision = reference.eval["precision"][:, :, :, 0, 2]  # all areas, maxDets[2] = 10
+    recall = reference.eval["recall"][:, :, 0, 2]
+    assert few["bbox/AP"] == pytest.approx(precision[precision > -1].mean(), abs=1e-9)
+    assert few["bbox/AR100"] == pytest.approx(recall[recall > -1].mean(), abs=1e-9)
+    evaluator.max_dets = 100
+    assert evaluator.summarize()["bbox/AR100"] > few["bbox/AR100"]  # the 13th detection now counts
+    with pytest.raises(ValueError, match="max_dets=5: at least 10"):
+        evaluator.max_dets = 5
+        evaluator.summarize()

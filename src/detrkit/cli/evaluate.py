@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import non_negative_int, positive_float, positive_int, probability
+from .args import bounded, non_negative_int, positive_float, positive_int, probability
 
 
 def add_parser(sub) -> None:
@@ -32,9 +32,9 @@ def add_parser(sub) -> None:
         help="score threshold of the report's precision/recall/F1, confusion matrix and worst images",
     )  # fmt: skip
     p.add_argument(
-        "--max-dets", type=positive_int, default=100,
-        help="COCO's maxDets: detections per image that AP and AR count (dense scenes: raise it, "
-        "with a model of as many queries)",
+        "--max-dets", type=bounded(int, 10, None, "maxDets"), default=100,
+        help="COCO's maxDets (at least 10): detections per image and class that AP and the AR100 column "
+        "count (dense scenes: raise it, with a model of as many queries)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument(
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.panoptic import CocoPanoptic
     from ..data.transforms import TransformConfig, eval_transforms
     from ..distributed import pick_device
-    from ..evaluation.coco import CocoEvaluator, format_metrics, queries_warning
+    from ..evaluation.coco import CocoEvaluator, format_metrics, per_class_ap, queries_warning
     from ..evaluation.loop import (
         annotation_categories,
         build_evaluator,
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     skips = SkipTracker(warn=lambda msg: print(msg, file=sys.stderr))
     metrics = evaluate(model, loader, evaluator, device, skips=skips)
+    metrics.update(per_class_ap(evaluator))  # as training logs them
     images, unreadable = int(metrics["images"]), int(metrics["images_unreadable"])
     if images and unreadable == images:
         raise DatasetError(f"none of the {images} images of {ann} could be read from {dataset.image_dir}")

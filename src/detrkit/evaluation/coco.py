@@ -125,7 +125,8 @@ class CocoEvaluator:
         self.iou_types = tuple(iou_types)
         self.results: list[dict[str, Any]] = []
         self.image_ids: set[int] = set()
-        self.max_dets = 100  # COCO's maxDets (its last entry: what AP and AR100 allow per image)
+        # COCO's last maxDets: the detections per image and class that AP and "AR100" count.
+        self.max_dets = 100
         self.cocoevals: dict[str, Any] = {}  # per IoU type, the evaluator of the last summarize()
 
     def update(self, image_ids: Sequence[int], detections: Sequence[dict[str, torch.Tensor]]) -> None:
@@ -157,6 +158,8 @@ class CocoEvaluator:
         """COCO metrics as ``{"bbox/AP": ..., "bbox/AP50": ..., ...}`` (-1 where undefined)."""
         from faster_coco_eval import COCO, COCOeval_faster
 
+        if self.max_dets < 10:  # COCO's maxDets are [1, 10, max_dets]; faster-coco-eval sorts them
+            raise ValueError(f"max_dets={self.max_dets}: at least 10 (COCO's AR10 comes before it)")
         metrics: dict[str, float] = {}
         self.cocoevals = {}
         with contextlib.redirect_stdout(io.StringIO()):

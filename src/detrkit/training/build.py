@@ -66,6 +66,11 @@ class Datasets:
     train_with_masks: Callable[[], Dataset]
 
 
+def _objects(dataset: CocoDetection) -> int:
+    """The objects (crowd regions aside) of a dataset's annotations."""
+    return sum(1 for a in dataset.data["annotations"] if not a.get("iscrowd", 0))
+
+
 def training_augmentation(cfg: TrainConfig):
     """The training transforms ``cfg`` asks for: its ``augment`` preset and switches."""
     return augmentation(
@@ -120,8 +125,9 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
         category_map=train.category_map,
     )  # fmt: skip
     log(
-        f"data ({train_split.format}): {len(train)} training images ({train_split.source}), {len(val)} "
-        f"validation images ({val_split.source}), {train.category_map.num_classes} classes "
+        f"data ({train_split.format}): {len(train)} training images, {_objects(train)} objects "
+        f"({train_split.source}); {len(val)} validation images, {_objects(val)} objects ({val_split.source}); "
+        f"{train.category_map.num_classes} classes "
         f"({', '.join(train.category_map.names[:8])}{', ...' if train.category_map.num_classes > 8 else ''})"
     )
     check_some_image_loads(val, "validation")
@@ -130,7 +136,11 @@ def build_datasets(cfg: TrainConfig, out: Path, log: Log) -> Datasets:
         train,
         val,
         lambda: CocoDetection(
-            train_dir, train_ann, augmentation, masks=True, category_map=train.category_map
+            train_split.images,
+            train_split.annotations,
+            augmentation,
+            masks=True,
+            category_map=train.category_map,
         ),
     )
 

@@ -220,7 +220,7 @@ def validation_pictures(model, dataset, device, count: int = 4, threshold: float
     import torch
     from PIL import Image
 
-    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..data.transforms import denormalize
     from ..drawing import draw_boxes
     from ..models.postprocess import PostProcess
 
@@ -240,9 +240,7 @@ def validation_pictures(model, dataset, device, count: int = 4, threshold: float
             height, width = image.shape[-2:]
             det = postprocess(outputs, torch.tensor([[height, width]], device=device))[0]
             keep = det["scores"] >= threshold
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)  # the normalisation of the eval transforms
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-            pixels = ((image.cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            pixels = (denormalize(image.cpu()) * 255).round().byte().permute(1, 2, 0).numpy()
             labels = det["labels"][keep].tolist()
             texts = [f"{names[i]} {s:.2f}" for i, s in zip(labels, det["scores"][keep].tolist())]
             picture = draw_boxes(Image.fromarray(pixels), det["boxes"][keep].tolist(), texts, labels)

@@ -36,7 +36,7 @@ def monitored_key(monitor: str, *, panoptic: bool, masks: bool) -> str:
     per_class = (  # bbox/AP_per_class/<class name>, segm/AP_per_class/<class name>
         not panoptic
         and len(parts) == 3
-        and parts[1] == "AP"
+        and parts[1] == "AP_per_class"
         and parts[0] in (("bbox", "segm") if masks else ("bbox",))
     )
     if key not in known and key != "val/loss" and not per_class:
