@@ -51,6 +51,26 @@ def random_dataset(seed: int = 0, images: int = 12):
     return gt, results
 
 
+def pycocotools_eval(gt, results, max_dets=None, category=None):
+    """pycocotools' COCOeval of ``results`` (bbox), evaluated and accumulated (and summarised)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))
+        coco.createIndex()
+        reference = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
+        if max_dets is not None:
+            reference.params.maxDets = [1, 10, max_dets]
+        if category is not None:
+            reference.params.catIds = [category]
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    return reference
+
+
 def evaluator_for(gt, results) -> CocoEvaluator:
     evaluator = CocoEvaluator(gt, CategoryMap.from_categories(gt["categories"]))
     evaluator.results = results
@@ -61,48 +81,26 @@ def evaluator_for(gt, results) -> CocoEvaluator:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_per_class_ap_equals_pycocotools_run_on_that_class_alone(seed):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     gt, results = random_dataset(seed)
     rows = {r["category_id"]: r for r in evaluator_for(gt, results).per_class()}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = json.loads(json.dumps(gt))
-        coco.createIndex()
-        detections = coco.loadRes(json.loads(json.dumps(results)))
-        for category in (1, 2, 5):
-            reference = COCOeval(coco, detections, "bbox")
-            reference.params.catIds = [category]
-            reference.evaluate()
-            reference.accumulate()
-            reference.summarize()
-            row = rows[category]
-            assert row["AP"] == pytest.approx(reference.stats[0], abs=1e-9)
-            assert row["AP50"] == pytest.approx(reference.stats[1], abs=1e-9)
-            assert row["AP75"] == pytest.approx(reference.stats[2], abs=1e-9)
-            assert row["AR100"] == pytest.approx(reference.stats[8], abs=1e-9)
-            objects = [a for a in gt["annotations"] if a["category_id"] == category and not a["iscrowd"]]
-            assert row["objects"] == len(objects)
-            assert row["detections"] == sum(r["category_id"] == category for r in results)
+    for category in (1, 2, 5):
+        reference = pycocotools_eval(gt, results, category=category)
+        row = rows[category]
+        assert row["AP"] == pytest.approx(reference.stats[0], abs=1e-9)
+        assert row["AP50"] == pytest.approx(reference.stats[1], abs=1e-9)
+        assert row["AP75"] == pytest.approx(reference.stats[2], abs=1e-9)
+        assert row["AR100"] == pytest.approx(reference.stats[8], abs=1e-9)
+        objects = [a for a in gt["annotations"] if a["category_id"] == category and not a["iscrowd"]]
+        assert row["objects"] == len(objects)
+        assert row["detections"] == sum(r["category_id"] == category for r in results)
 
 
 def test_precision_recall_agree_with_pycocotools_matching():
     """Recall at threshold 0 equals COCO's recall at IoU 0.5 (all detections kept, maxDets large)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     gt, results = random_dataset(3, images=20)
     matches = match_dataset(gt, results, [i["id"] for i in gt["images"]])
     prf = precision_recall_f1(matches, [1, 2, 5], 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = json.loads(json.dumps(gt))
-        coco.createIndex()
-        reference = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
-        reference.params.maxDets = [1, 10, 1000]
-        reference.evaluate()
-        reference.accumulate()
+    reference = pycocotools_eval(gt, results, max_dets=1000)
     recall = reference.eval["recall"][0, :, 0, -1]  # IoU 0.5, all areas, maxDets 1000
     for k, category in enumerate((1, 2, 5)):
         assert prf[category]["recall"] == pytest.approx(recall[k], abs=1e-9)
@@ -239,8 +237,6 @@ def test_panoptic_report_per_class_averages_to_the_summary(tmp_path):
 def test_max_dets_is_cocos_max_dets():
     """``max_dets`` = pycocotools' last maxDets: AP and AR100 count that many detections per image
     and class."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     gt, results = random_dataset(4, images=10)
     # Image 1: twelve confident false alarms of class 1, then the one detection that finds its object.
@@ -254,14 +250,7 @@ def test_max_dets_is_cocos_max_dets():
     evaluator.results, evaluator.image_ids = results, {i["id"] for i in gt["images"]}
     evaluator.max_dets = 10
     few = evaluator.summarize()
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = json.loads(json.dumps(gt))
-        coco.createIndex()
-        reference = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
-        reference.params.maxDets = [1, 10, 10]
-        reference.evaluate()
-        reference.accumulate()
+    reference = pycocotools_eval(gt, results, max_dets=10)
     # pycocotools' own summary prints AP at maxDets=100 whatever maxDets holds: read its arrays.
     precision = reference.eval["precision"][:, :, :, 0, 2]  # all areas, maxDets[2] = 10
     recall = reference.eval["recall"][:, :, 0, 2]

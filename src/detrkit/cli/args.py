@@ -35,3 +35,11 @@ probability = bounded(float, 0.0, 1.0, "a score threshold")
 non_negative_int = bounded(int, 0, None, "a count")
 positive_float = bounded(float, 1e-9, None, "a size")
 positive_int = bounded(int, 1, None, "a count")
+
+
+def add_data_format(parser: argparse.ArgumentParser, what: str = "the dataset") -> None:
+    """``--data-format``: the format of a dataset path, detected unless given."""
+    parser.add_argument(
+        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
+        help=f"format of {what} (default: detected)",
+    )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import non_negative_int, positive_float, positive_int, probability
+from .args import add_data_format, non_negative_int, positive_float, positive_int, probability
 
 
 def add_parser(sub) -> None:
@@ -18,19 +18,13 @@ def add_parser(sub) -> None:
         help="also check the data against this model: classes it does not know, xyxy-looking boxes, objects "
         "too small for its input size, too few examples, more objects than queries",
     )  # fmt: skip
-    p.add_argument(
-        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
-        help="format of the dataset (default: detected)",
-    )  # fmt: skip
+    add_data_format(p)
     p.set_defaults(run=run_check)
     c = data.add_parser("convert", help="convert a dataset to COCO, YOLO or Pascal VOC")
     c.add_argument("source", metavar="SRC", help="a dataset in any format detrkit reads")
     c.add_argument("target", metavar="DST", help="the folder to write (new, or empty)")
     c.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="the format to write")
-    c.add_argument(
-        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
-        help="format of SRC (default: detected)",
-    )  # fmt: skip
+    add_data_format(c, "SRC")
     c.add_argument("--segments", action="store_true", help="YOLO: write polygons where objects have them")
     c.add_argument("--overwrite", action="store_true", help="write into a DST that is not empty")
     c.set_defaults(run=run_convert)
@@ -42,7 +36,7 @@ def add_preview_parser(data) -> None:
     p.add_argument("data", help='a dataset in any format detrkit reads, or "synthetic"')
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--split", default="train2017")
-    p.add_argument("--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"))
+    add_data_format(p)
     p.add_argument("--count", type=positive_int, default=16, help="samples in the grid (16)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--image-scale", type=positive_float, default=1.0, help="as in train (1.0)")

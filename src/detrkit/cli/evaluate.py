@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import bounded, non_negative_int, positive_float, positive_int, probability
+from .args import add_data_format, bounded, non_negative_int, positive_float, positive_int, probability
 
 
 def add_parser(sub) -> None:
@@ -13,10 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
     p.add_argument("--data", required=True, help='dataset root, an instances JSON, or "synthetic"')
     p.add_argument("--split", default="val2017")
-    p.add_argument(
-        "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
-        help="format of --data (default: detected)",
-    )  # fmt: skip
+    add_data_format(p, "--data")
     p.add_argument(
         "--panoptic", action="store_true", help="PQ on COCO panoptic annotations (panoptic models)"
     )
