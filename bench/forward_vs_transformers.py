@@ -2,7 +2,9 @@
 
 Builds a transformers ``DetrForObjectDetection`` (ResNet-50, paper sizes) with random weights,
 saves it, loads the same file with ``detrkit.load_model``, checks the outputs agree, then times
-both forwards side by side (interleaved, after warm-up) and prints medians and the ratio.
+the forwards side by side (interleaved, after warm-up) and prints medians and ratios: detrkit as
+loaded, detrkit with its BatchNorm folded into the convolutions (what ``Detector`` runs), and
+transformers.
 
     python bench/forward_vs_transformers.py --size 800 1066 --batch 1 --runs 5
 """
@@ -41,6 +43,12 @@ def main() -> None:
         hf.save_pretrained(tmp)
         ours = detrkit.load_model(tmp, device=args.device)
     hf = hf.to(args.device)
+    import copy
+
+    from detrkit.models.fold import fold_batchnorm
+
+    folded = copy.deepcopy(ours).eval()
+    fold_batchnorm(folded)
 
     h, w = args.size
     images = torch.randn(args.batch, 3, h, w, device=args.device)
@@ -50,6 +58,9 @@ def main() -> None:
 
     def run_ours():
         return ours(images, padding_mask)
+
+    def run_folded():
+        return folded(images, padding_mask)
 
     def run_hf():
         return hf(pixel_values=images, pixel_mask=(~padding_mask).long())
@@ -65,19 +76,21 @@ def main() -> None:
         return time.perf_counter() - start
 
     with torch.inference_mode():
-        a, b = run_ours(), run_hf()
+        a, b, c = run_ours(), run_hf(), run_folded()
         diff = max(
             (a["pred_logits"] - b.logits).abs().max().item(),
             (a["pred_boxes"] - b.pred_boxes).abs().max().item(),
         )
+        fold_diff = max((a[k] - c[k]).abs().max().item() for k in ("pred_logits", "pred_boxes"))
         for _ in range(2):  # warm-up
-            run_ours(), run_hf()
-        t_ours, t_hf = [], []
-        for _ in range(args.runs):  # interleaved so both see the same machine state
+            run_ours(), run_folded(), run_hf()
+        t_ours, t_folded, t_hf = [], [], []
+        for _ in range(args.runs):  # interleaved so all see the same machine state
             t_ours.append(timed(run_ours))
+            t_folded.append(timed(run_folded))
             t_hf.append(timed(run_hf))
 
-    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    m_ours, m_folded, m_hf = statistics.median(t_ours), statistics.median(t_folded), statistics.median(t_hf)
     print(f"machine: {describe(args.threads)}, device {args.device}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
@@ -86,8 +99,12 @@ def main() -> None:
     print(
         f"detrkit      median {m_ours * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_ours)})"
     )
+    print(
+        f"detrkit, BN folded median {m_folded * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_folded)}); "
+        f"max |diff| to unfolded = {fold_diff:.1e}"
+    )
     print(f"transformers median {m_hf * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf)})")
-    print(f"speed-up: {m_hf / m_ours:.2f}x")
+    print(f"time / transformers': detrkit {m_ours / m_hf:.2f}x, detrkit BN folded {m_folded / m_hf:.2f}x")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from ..checkpoints.io import load_model
+from ..models.fold import fold_batchnorm
 from ..data.collate import pad_images
 from ..data.images import load_image, to_rgb
 from ..data.transforms import TransformConfig, resized_shape
@@ -186,7 +187,11 @@ class Detector:
     ) -> Detector:
         """Anything :func:`detrkit.load_model` reads: a file, a Hugging Face folder, an official name."""
         device = pick_device(device)  # refused before a (slow) load, not after
-        return cls(load_model(source), device=device, **kwargs)
+        model = load_model(source).eval()
+        # The model is the detector's own: its BatchNorm is folded into the convolutions
+        # (detrkit.models.fold; the same outputs within float rounding, a faster forward).
+        fold_batchnorm(model)
+        return cls(model, device=device, **kwargs)
 
     def preprocess(self, image: Image.Image) -> Tensor:
         """PIL image -> normalised Tensor[3, h, w] at the evaluation size."""
