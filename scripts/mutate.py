@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument(
+        "--paths",
+        nargs="*",
+        help="only these source files (globs relative to the checkout, e.g. 'src/detrkit/data/*.py')",
+    )
+    parser.add_argument(
         "--confirm",
         action="store_true",
         help="run a mutant its module's test files miss against the whole suite",
@@ -232,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     # A plain `kill` ends the run like Ctrl-C: the temporary copy is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
-    mutants = [m for path, lines in changed_lines(args.base).items() for m in mutants_of(path, lines)]
+    changed = changed_lines(args.base)
+    if args.paths:
+        wanted = {p.resolve() for pattern in args.paths for p in ROOT.glob(pattern)}
+        changed = {path: lines for path, lines in changed.items() if path.resolve() in wanted}
+    mutants = [m for path, lines in changed.items() for m in mutants_of(path, lines)]
     if len(mutants) > args.max_mutants:
         mutants = sorted(
             random.Random(args.seed).sample(mutants, args.max_mutants), key=lambda m: (str(m.path), m.line)
