@@ -73,3 +73,33 @@ def test_a_supervision_dataset_is_detrkit_data(sv, tmp_path):
     loaded = CocoDetection(Path("/"), coco, masks=True)
     image, target = loaded[0]
     assert target["masks"].shape[0] == len(target["boxes"]) > 0 and target["masks"].any()
+
+
+def test_a_supervision_dataset_trains(sv, tmp_path):
+    """A DetectionDataset, through from_supervision_dataset, is what Trainer trains and evaluates on."""
+    from conftest import tiny
+    from detrkit.data.transforms import TransformConfig, eval_transforms, train_transforms
+    from detrkit.training.trainer import Trainer
+
+    root = write_synthetic(
+        tmp_path / "s", SynthConfig(images=6, seed=1, min_size=64, max_size=96), {"train": 6, "val": 3}
+    )
+    splits = {
+        split: from_supervision_dataset(
+            sv.DetectionDataset.from_coco(
+                images_directory_path=str(root / f"{split}2017"),
+                annotations_path=str(root / f"annotations/instances_{split}2017.json"),
+            )
+        )
+        for split in ("train", "val")
+    }
+    sizes = TransformConfig.scaled(0.12)
+    train = CocoDetection(Path("/"), splits["train"], train_transforms(sizes))
+    val = CocoDetection(Path("/"), splits["val"], eval_transforms(sizes), category_map=train.category_map)
+    trainer = Trainer(tiny(tmp_path, root, epochs=1), datasets=(train, val), log=lambda m: None)
+    metrics = trainer.fit()
+    assert metrics["images"] == 3 and trainer.model.config.class_names == tuple(sv_classes(splits))
+
+
+def sv_classes(splits):
+    return [c["name"] for c in sorted(splits["train"]["categories"], key=lambda c: c["id"])]

@@ -19,12 +19,12 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from ..checkpoints.io import load_model
-from ..models.fold import fold_batchnorm
 from ..data.collate import pad_images
 from ..data.images import load_image, to_rgb
 from ..data.transforms import TransformConfig, resized_shape
 from ..distributed import pick_device
 from ..models.detr import Detr
+from ..models.fold import fold_batchnorm
 from ..models.panoptic import PostProcessPanoptic, semantic_segmentation
 from ..models.postprocess import PostProcess, PostProcessSegm
 

@@ -56,6 +56,22 @@ class Monitor:
     patience: int | None = None
     min_delta: float = 0.0
 
+    @classmethod
+    def for_config(cls, config: Any) -> Monitor:
+        """The monitor a :class:`~detrkit.training.config.TrainConfig` asks for."""
+        masks = bool(config.model.get("masks"))
+        return cls(
+            monitored_key(config.monitor, panoptic=config.panoptic, masks=masks),
+            config.patience,
+            config.min_delta,
+        )
+
+    def describe(self, metrics: dict[str, float], best: bool) -> str:
+        """``"bbox/AP 41.2 *"``: the value (AP-like metrics in percent), ``*`` for a new best."""
+        value = self.value(metrics)
+        shown = f"{100 * value:.1f}" if self.maximize else f"{value:.4f}"
+        return f"{self.key} {shown}" + (" *" if best else "")
+
     @property
     def maximize(self) -> bool:
         return not self.key.endswith("loss")

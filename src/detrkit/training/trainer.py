@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoints.io import load_model, torch_load_safe
-from ..data.coco import DatasetError
+from ..data.coco import CocoDetection, DatasetError
 from ..data.collate import SkipTracker
 from ..distributed import any_process, is_dist, is_main_process, pick_device, rank
 from ..errors import ConfigError
@@ -27,7 +27,7 @@ from . import build
 from .config import TrainConfig
 from .loggers import Loggers, parse_loggers, validation_pictures
 from .loop import TrainState, refuse_non_finite, train_one_epoch
-from .monitor import Monitor, monitored_key
+from .monitor import Monitor
 from .pretrain import pretraining_stage
 from .progress import EpochBar
 from .resume import (
@@ -51,6 +51,9 @@ class Trainer:
             are applied on top of the saved config and reported.
         log: where messages go (rank 0 only).
         overwrite: start afresh in an output folder that holds another run (its run files go).
+        datasets: (training set, validation set) built by the caller — :class:`CocoDetection` of any
+            source, e.g. ``detrkit.data.supervision.from_supervision_dataset`` — instead of
+            ``config.data``.
 
     Example:
         >>> trainer = Trainer(build_config("cpu-tiny", overrides={"epochs": 1}))  # doctest: +SKIP
@@ -65,6 +68,7 @@ class Trainer:
         overrides: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
         overwrite: bool = False,
+        datasets: tuple[CocoDetection, CocoDetection] | None = None,
     ) -> None:
         overrides = overrides or {}
         build.setup_distributed(overrides.get("device", config.device))
@@ -81,12 +85,15 @@ class Trainer:
         self.config = config
         self.device = pick_device(config.device)
         self.state = TrainState()
-        key = monitored_key(config.monitor, panoptic=config.panoptic, masks=bool(config.model.get("masks")))
-        self.monitor = Monitor(key, config.patience, config.min_delta)
+        self.monitor = Monitor.for_config(config)
 
         # The weights to start from are read first: a bad --init-from fails before any data is built.
         source = load_model(config.init_from) if saved is None and config.init_from else None
-        data = build.build_datasets(config, self.run_dir.path, self.log)
+        data = (
+            build.Datasets(*datasets, lambda: datasets[0])
+            if datasets
+            else build.build_datasets(config, self.run_dir.path, self.log)
+        )
         self.train_set, self.val_set, self._train_set_with_masks = data.train, data.val, data.train_with_masks
         build.seed_everything(config.seed)  # the initial weights depend on the seed only
         if saved is not None:
@@ -288,10 +295,8 @@ class Trainer:
         best, self.state.stop_reason = self.monitor.update(metrics, self.state)
         if best:
             self.save(BEST)
-        key, value = self.monitor.key, self.monitor.value(metrics)
-        shown = f"{100 * value:.1f}" if self.monitor.maximize else f"{value:.4f}"
-        return f", val loss {metrics.get('val/loss', float('nan')):.4f}, {key} {shown}" + (
-            " *" if best else ""
+        return (
+            f", val loss {metrics.get('val/loss', float('nan')):.4f}, {self.monitor.describe(metrics, best)}"
         )
 
     def _maybe_pretrain_backbone(self) -> None:
