@@ -3,8 +3,8 @@
 Builds a transformers ``DetrForObjectDetection`` (ResNet-50, paper sizes) with random weights,
 saves it, loads the same file with ``detrkit.load_model``, checks the outputs agree, then times
 the forwards side by side (interleaved, after warm-up) and prints medians and ratios: detrkit as
-loaded, detrkit with its BatchNorm folded into the convolutions (what ``Detector`` runs), and
-transformers.
+loaded, detrkit with its BatchNorm folded into the convolutions (what ``Detector`` runs), the same
+under bf16 autocast (``Detector(precision="bf16")``; with ``--bf16``), and transformers in fp32.
 
     python bench/forward_vs_transformers.py --size 800 1066 --batch 1 --runs 5
 """
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="also time the folded model under bf16 autocast")
     args = parser.parse_args()
 
     import transformers
@@ -62,6 +63,10 @@ def main() -> None:
     def run_folded():
         return folded(images, padding_mask)
 
+    def run_bf16():
+        with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16):
+            return folded(images, padding_mask)
+
     def run_hf():
         return hf(pixel_values=images, pixel_mask=(~padding_mask).long())
 
@@ -84,10 +89,14 @@ def main() -> None:
         fold_diff = max((a[k] - c[k]).abs().max().item() for k in ("pred_logits", "pred_boxes"))
         for _ in range(2):  # warm-up
             run_ours(), run_folded(), run_hf()
-        t_ours, t_folded, t_hf = [], [], []
+            if args.bf16:
+                run_bf16()
+        t_ours, t_folded, t_bf16, t_hf = [], [], [], []
         for _ in range(args.runs):  # interleaved so all see the same machine state
             t_ours.append(timed(run_ours))
             t_folded.append(timed(run_folded))
+            if args.bf16:
+                t_bf16.append(timed(run_bf16))
             t_hf.append(timed(run_hf))
 
     m_ours, m_folded, m_hf = statistics.median(t_ours), statistics.median(t_folded), statistics.median(t_hf)
@@ -103,6 +112,12 @@ def main() -> None:
         f"detrkit, BN folded median {m_folded * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_folded)}); "
         f"max |diff| to unfolded = {fold_diff:.1e}"
     )
+    if args.bf16:
+        m_bf16 = statistics.median(t_bf16)
+        print(
+            f"detrkit, BN folded, bf16 median {m_bf16 * 1000:8.1f} ms  "
+            f"(runs: {', '.join(f'{t * 1000:.0f}' for t in t_bf16)}); {m_bf16 / m_hf:.2f}x transformers' fp32 time"
+        )
     print(f"transformers median {m_hf * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf)})")
     print(f"time / transformers': detrkit {m_ours / m_hf:.2f}x, detrkit BN folded {m_folded / m_hf:.2f}x")
 

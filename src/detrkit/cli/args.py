@@ -43,3 +43,12 @@ def add_data_format(parser: argparse.ArgumentParser, what: str = "the dataset") 
         "--data-format", default="auto", choices=("auto", "coco", "yolo", "voc", "labelme"),
         help=f"format of {what} (default: detected)",
     )  # fmt: skip
+
+
+def add_precision(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: what inference runs in (``detrkit.inference.detector.resolve_precision``)."""
+    parser.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
+        help="fp32 (default), bf16, fp16 (CUDA) or auto (bf16 on CPUs with native bf16, else fp32); "
+        "post-processing stays fp32",
+    )  # fmt: skip

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import add_data_format, bounded, non_negative_int, positive_float, positive_int, probability
+from .args import (
+    add_data_format,
+    add_precision,
+    bounded,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 
 def add_parser(sub) -> None:
@@ -39,6 +47,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=non_negative_int, default=2)
+    add_precision(p)
     p.set_defaults(run=run)
 
 
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         name_clashes,
     )
     from ..fileio import check_output, write_json_atomic
+    from ..inference.detector import resolve_precision
 
     if args.out is not None:
         # Checked before the evaluation: its results must have somewhere to go, and replace nothing
@@ -115,12 +125,14 @@ def run(args: argparse.Namespace) -> int:
         evaluator.max_dets = args.max_dets
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     skips = SkipTracker(warn=lambda msg: print(msg, file=sys.stderr))
-    metrics = evaluate(model, loader, evaluator, device, skips=skips)
+    precision = resolve_precision(args.precision, device)
+    amp = "none" if precision == "fp32" else precision
+    metrics = evaluate(model, loader, evaluator, device, skips=skips, amp=amp)
     metrics.update(per_class_ap(evaluator))  # as training logs them
     images, unreadable = int(metrics["images"]), int(metrics["images_unreadable"])
     if images and unreadable == images:
         raise DatasetError(f"none of the {images} images of {ann} could be read from {dataset.image_dir}")
-    print(f"{args.weights} on {ann} ({images} images):")
+    print(f"{args.weights} on {ann} ({images} images, {precision}):")
     if unreadable:
         print(
             f"WARNING: {unreadable} of {images} images could not be read; they count as images "

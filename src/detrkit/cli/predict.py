@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .args import positive_int, probability
+from .args import add_precision, positive_int, probability
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
     p.add_argument("--no-draw", action="store_true", help="do not write annotated pictures")
+    add_precision(p)
     p.set_defaults(run=run)
 
 
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         print("detrkit predict: error: no images or videos found", file=sys.stderr)
         return 2
-    detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.batch_size)
+    detector = Detector.from_pretrained(
+        args.weights, device=args.device, batch_size=args.batch_size, precision=args.precision
+    )
     segmentation = {"auto": "auto", "none": None}.get(args.segmentation, args.segmentation)
     try:  # refused once here rather than for every image
         detector.segmentation_mode(segmentation)

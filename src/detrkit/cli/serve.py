@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import bounded, positive_float, positive_int, probability
+from .args import add_precision, bounded, positive_float, positive_int, probability
 
 
 def add_parser(sub) -> None:
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
         help="seconds an upload may take to arrive (408 after; default 30)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the best available)")
+    add_precision(p)
     p.set_defaults(run=run)
 
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         body_timeout=args.body_timeout,
     )
-    detector = Detector.from_pretrained(args.weights, device=args.device, batch_size=args.max_batch)
+    detector = Detector.from_pretrained(
+        args.weights, device=args.device, batch_size=args.max_batch, precision=args.precision
+    )
     serve(detector, args.host, args.port, config)
     return 0

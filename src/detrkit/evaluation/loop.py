@@ -60,6 +60,8 @@ def evaluate(
         batch = batch.to(device)
         with amp_autocast(device, amp):
             outputs = model(batch.images, batch.padding_mask)
+        if amp != "none":  # loss and post-processing in fp32 whatever the forward ran in
+            outputs = {k: _to_float(v) for k, v in outputs.items()}
         if criterion is not None:
             # This batch's own normalisers, with no collective: the processes' shards may differ in
             # length (and a process may have no image), so per-batch collectives would not pair up.
@@ -93,6 +95,15 @@ def evaluate(
     if criterion is not None:
         metrics["val/loss"] = loss_sum / max(batches, 1.0)  # mean over every validation batch
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _to_float(value):
+    """Tensors (and the lists of dicts of the auxiliary outputs) as fp32."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, list):
+        return [{k: _to_float(v) for k, v in item.items()} for item in value]
+    return value
 
 
 def build_evaluator(

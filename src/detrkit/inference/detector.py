@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from ..amp import amp_autocast, resolve_amp
 from ..checkpoints.io import load_model
 from ..data.collate import pad_images
 from ..data.images import load_image, to_rgb
@@ -110,6 +111,20 @@ def _supervision():
     return supervision
 
 
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision inference runs in: ``auto`` is bf16 on a CPU with native bf16 (AVX512-BF16 or
+    AMX) and fp32 elsewhere (bf16 emulated is slower; no GPU was measured); fp16 needs CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' needs a CUDA device (this one is {device})")
+    resolved = resolve_amp("auto" if precision == "auto" else precision, device)
+    return "fp32" if resolved == "none" else resolved
+
+
 def check_probability(value: float, name: str) -> None:
     """Refuse a score threshold that is not a number in [0, 1] (NaN would keep nothing, silently)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -167,8 +182,12 @@ class Detector:
     size share a batch: a batch gives the same result as one image at a time.
     """
 
-    def __init__(self, model: Detr, *, device: str | torch.device | None = None, batch_size: int = 4) -> None:
+    def __init__(
+        self, model: Detr, *, device: str | torch.device | None = None, batch_size: int = 4,
+        precision: str = "fp32",
+    ) -> None:  # fmt: skip
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -277,7 +296,10 @@ class Detector:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 batch, _ = pad_images([inputs[i] for i in chunk])  # same size: no padding
-                outputs = self.model(batch.to(self.device))
+                with amp_autocast(self.device, "none" if self.precision == "fp32" else self.precision):
+                    outputs = self.model(batch.to(self.device))
+                # Post-processing (softmax, boxes in pixels, masks) in fp32 whatever the forward ran in.
+                outputs = {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
                 orig = torch.tensor([list(original[i]) for i in chunk], device=self.device)
                 found = self._post(outputs, orig)
                 sizes = torch.tensor([list(inputs[i].shape[-2:]) for i in chunk], device=self.device)
