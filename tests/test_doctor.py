@@ -136,3 +136,16 @@ def test_data_check_model_from_the_command_line(tmp_path, capsys):
     train, val = out.split("instances_val2017.json")
     assert "boxes that look like [x1, y1, x2, y2]" in train and "FAILED" in train
     assert "look like" not in val and "OK: 0 error(s)" in val
+
+
+def test_seventy_percent_of_the_queries_is_not_yet_a_warning():
+    data = clean_dataset()
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 1]
+    for k in range(7):  # 7 objects for 10 queries: exactly 70%
+        data["annotations"].append({
+            "id": 2000 + k, "image_id": 1, "category_id": 1, "bbox": [k * 20.0, 10.0, 18.0, 18.0],
+            "area": 324.0, "iscrowd": 0,
+        })  # fmt: skip
+    assert "nearly as many objects as queries" not in run(data, CONFIG).warnings
+    data["annotations"].append({**data["annotations"][-1], "id": 3000, "bbox": [150.0, 60.0, 18.0, 18.0]})
+    assert "nearly as many objects as queries" in run(data, CONFIG).warnings

@@ -187,6 +187,11 @@ def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
     assert counts[:-1].sum() == objects  # every object is found, confused or missed exactly once
     with open(report_dir / "per_class.csv") as f:
         assert [row["name"] for row in csv.DictReader(f)] == names
+    # The PR curves drawn are COCO's: each class's mean precision is its AP50.
+    ap50 = {r["name"]: r["AP50"] for r in report["per_class"]["bbox"]}
+    assert report["pr_curves"] and all(len(c["precision"]) == 101 for c in report["pr_curves"].values())
+    for name, curve in report["pr_curves"].items():
+        assert np.mean(curve["precision"]) == pytest.approx(ap50[name], abs=1e-9)
     worst = report["worst_images"]
     assert worst and all((report_dir / w["picture"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for w in worst)
     assert "worst/" in (report_dir / "report.md").read_text()

@@ -89,6 +89,7 @@ def write_report(
             "counts": matrix.tolist(),
         },
         "worst_images": errors,
+        "pr_curves": pr_curves(evaluator),
     }
     for iou_type, rows in per_class.items():
         _write_csv(out / ("per_class.csv" if iou_type == "bbox" else f"per_class_{iou_type}.csv"), rows)
@@ -96,7 +97,7 @@ def write_report(
                                              for i, r in enumerate(matrix.tolist())])  # fmt: skip
     pictures = [
         _save(plt, _plot_confusion(plt, matrix, labels, threshold), out / "confusion_matrix.png"),
-        _save(plt, _plot_pr_curves(plt, evaluator, names), out / "pr_curves.png"),
+        _save(plt, _plot_pr_curves(plt, report["pr_curves"]), out / "pr_curves.png"),
         _save(plt, _plot_thresholds(plt, matches, categories, names, threshold), out / "thresholds.png"),
     ]
     if image_dir is not None:
@@ -183,22 +184,34 @@ def _plot_confusion(plt, matrix: np.ndarray, labels: list[str], threshold: float
     return figure
 
 
-def _plot_pr_curves(plt, evaluator: CocoEvaluator, names: dict[int, str]):
+def pr_curves(evaluator: CocoEvaluator, iou_type: str = "bbox") -> dict[str, dict[str, list[float]]]:
+    """COCO's interpolated precision at its 101 recall points, IoU 0.5, all areas, per class that
+    has objects: ``{name: {"recall": [...], "precision": [...]}}`` (the mean of a class's precision
+    is its AP50)."""
+    evaluation = evaluator.cocoevals.get(iou_type)
+    if evaluation is None:
+        return {}
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.ground_truth.get("categories", [])}
+    precision = np.asarray(evaluation.eval["precision"])  # [T, R, K, A, M]
+    recall = np.asarray(evaluation.params.recThrs).tolist()
+    iou = int(np.argmin(np.abs(np.asarray(evaluation.params.iouThrs) - 0.5)))
+    curves = {}
+    for k, category in enumerate(evaluation.params.catIds):
+        curve = precision[iou, :, k, 0, -1]
+        if (curve > -1).any():
+            curves[names.get(category, str(category))] = {
+                "recall": recall,
+                "precision": np.clip(curve, 0, None).tolist(),
+            }
+    return curves
+
+
+def _plot_pr_curves(plt, curves: dict[str, dict[str, list[float]]]):
     figure, ax = plt.subplots(figsize=(6, 5))
-    evaluation = evaluator.cocoevals.get("bbox")
-    if evaluation is not None:
-        precision = np.asarray(evaluation.eval["precision"])  # [T, R, K, A, M]
-        recall = np.asarray(evaluation.params.recThrs)
-        iou = int(np.argmin(np.abs(np.asarray(evaluation.params.iouThrs) - 0.5)))
-        categories = list(evaluation.params.catIds)
-        for k, category in enumerate(categories):
-            curve = precision[iou, :, k, 0, -1]
-            if (curve > -1).any():
-                ap = curve[curve > -1].mean()
-                ax.plot(
-                    recall, np.clip(curve, 0, None), lw=1, label=f"{names.get(category, category)} {ap:.3f}"
-                )
-        ax.legend(fontsize=7, loc="lower left") if len(categories) <= 20 else None
+    for name, curve in curves.items():
+        ax.plot(curve["recall"], curve["precision"], lw=1, label=f"{name} {np.mean(curve['precision']):.3f}")
+    if curves and len(curves) <= 20:
+        ax.legend(fontsize=7, loc="lower left")
     ax.set(
         xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall, IoU 0.5"
     )
