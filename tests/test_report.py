@@ -194,7 +194,9 @@ def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
         assert np.mean(curve["precision"]) == pytest.approx(ap50[name], abs=1e-9)
     worst = report["worst_images"]
     assert worst and all((report_dir / w["picture"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for w in worst)
-    assert "worst/" in (report_dir / "report.md").read_text()
+    markdown = (report_dir / "report.md").read_text()
+    assert "worst/" in markdown and "| name | AP | AP50 | AP75 | AR100 |" in markdown
+    assert "|---|---|---|" in markdown and "| rectangle |" in markdown
     # A second report into the same folder is refused unless --overwrite.
     capsys.readouterr()
     assert detrkit.cli.main([*argv[:5], "--report", str(report_dir)]) == 2
