@@ -197,6 +197,8 @@ def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
     markdown = (report_dir / "report.md").read_text()
     assert "worst/" in markdown and "| name | AP | AP50 | AP75 | AR100 |" in markdown
     assert "|---|---|---|" in markdown and "| rectangle |" in markdown
+    best = report["overall"]["best_threshold"]
+    assert f"F1 is highest, {report['overall']['best_f1']:.3f}, at score >= {best:.3f}" in markdown
     # A second report into the same folder is refused unless --overwrite.
     capsys.readouterr()
     assert detrkit.cli.main([*argv[:5], "--report", str(report_dir)]) == 2
