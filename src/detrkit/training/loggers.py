@@ -143,7 +143,7 @@ class _Wandb:
         try:
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "detrkit"), name=run_dir.name, dir=str(run_dir),
-                config=flat(config), id=run_id, resume="allow" if run_id else None, reinit="create_new",
+                config=flat(config), id=run_id, resume="allow" if run_id else None,
             )  # fmt: skip
         except wandb.errors.UsageError as e:  # e.g. not logged in, online mode without a key
             raise ConfigError(f"--log wandb: {e} (run `wandb login`, or set WANDB_MODE=offline)") from None
