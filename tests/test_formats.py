@@ -162,7 +162,7 @@ def test_each_format_trains_and_evaluates_with_data_alone(datasets, tmp_path, ki
     assert "4 classes (diamond, ellipse, rectangle, triangle)" in out or "(rectangle, ellipse" in out
     assert detrkit.cli.main(["eval", "--weights", str(run / "checkpoint_last.pth"), "--data", str(root),
                              "--num-workers", "0"]) == 0  # fmt: skip
-    assert "(4 images)" in capsys.readouterr().out
+    assert "(4 images, fp32)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("to", ["yolo", "voc"])

@@ -596,7 +596,7 @@ def test_eval_counts_unreadable_images_instead_of_dropping_their_ground_truth(tm
     captured = capsys.readouterr()
     part = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert part["images"] == full["images"] == 4 and part["images_unreadable"] == 2
-    assert "(4 images)" in captured.out and "2 of 4 images could not be read" in captured.err
+    assert "(4 images, fp32)" in captured.out and "2 of 4 images could not be read" in captured.err
     assert val[0].name in captured.err and val[1].name in captured.err
     # Their objects count as missed: recall cannot go up by losing images.
     assert part["bbox/AR100"] <= full["bbox/AR100"]
