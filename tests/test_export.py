@@ -27,7 +27,7 @@ def mask_model():
 
 def test_onnx_matches_pytorch_on_padded_batches_of_any_size(tmp_path, mask_model):
     ort = pytest.importorskip("onnxruntime")
-    path = export_onnx(mask_model, tmp_path / "export" / "detr.onnx")
+    path = export_onnx(mask_model, tmp_path / "export" / "detr.onnx", postprocess=False)
     # One self-contained file: nothing that refers to the temporary name it was written under.
     assert [p.name for p in path.parent.iterdir()] == ["detr.onnx"]
     path = path.rename(tmp_path / "moved.onnx")
@@ -77,3 +77,78 @@ def test_export_cli(tmp_path, tiny_model, capsys):
     )
     assert code == 0 and (tmp_path / "m.pt").exists()
     assert "TorchScript" in capsys.readouterr().out
+
+
+NUMPY_ONLY = r"""
+import json, sys
+import numpy as np
+import onnxruntime
+
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+mean = np.array(json.loads(meta["mean"]), dtype=np.float32)[:, None, None]
+std = np.array(json.loads(meta["std"]), dtype=np.float32)[:, None, None]
+names = dict(zip(json.loads(meta["category_ids"]), json.loads(meta["class_names"])))
+out = {}
+for key, files in json.loads(sys.argv[2]).items():
+    # Images already at the evaluation size (shorter side eval_size): no resize to reproduce.
+    images = [np.load(f).astype(np.float32) / 255.0 for f in files]  # uint8 [3, H, W]
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    batch = np.zeros((len(images), 3, height, width), np.float32)
+    mask = np.ones((len(images), height, width), bool)
+    for n, image in enumerate(images):
+        batch[n, :, : image.shape[1], : image.shape[2]] = (image - mean) / std
+        mask[n, : image.shape[1], : image.shape[2]] = False
+    sizes = np.array([[i.shape[1], i.shape[2]] for i in images], np.int64)
+    boxes, scores, labels = session.run(None, {"images": batch, "padding_mask": mask, "orig_sizes": sizes})
+    out[key] = [{"boxes": b[s >= 0.2].tolist(), "scores": s[s >= 0.2].tolist(),
+                 "names": [names[int(l)] for l in ls[s >= 0.2]]} for b, s, ls in zip(boxes, scores, labels)]
+print(json.dumps({"eval_size": int(meta["eval_size"]), "detections": out}))
+"""
+
+
+def test_an_exported_file_gives_the_detectors_boxes_with_onnxruntime_and_numpy_alone(tmp_path):
+    """No detrkit import on the deployment side: the metadata and the graph are enough."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    pytest.importorskip("onnxruntime")
+    from conftest import shapes_config
+
+    torch.manual_seed(0)
+    model = detrkit.build_model(shapes_config(num_queries=12)).eval()
+    randomize_buffers(model)
+    path = export_onnx(model, tmp_path / "detr.onnx")
+    detector = detrkit.Detector(model)
+    eval_size = detector.sizes.eval_size  # 120 at the model's image_scale 0.15
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"landscape": [(eval_size, 170)], "portrait": [(190, eval_size)],
+              "batch": [(eval_size, 160), (eval_size, 160)]}  # fmt: skip
+    files, tensors = {}, {}
+    for key, sizes in shapes.items():
+        tensors[key] = [
+            torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in sizes
+        ]
+        files[key] = []
+        for n, tensor in enumerate(tensors[key]):
+            files[key].append(str(tmp_path / f"{key}{n}.npy"))
+            np.save(files[key][-1], tensor.numpy())
+    script = tmp_path / "deploy.py"
+    script.write_text(NUMPY_ONLY)
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['detrkit'] = None; sys.argv = sys.argv[1:]; exec(open(sys.argv[0]).read())",
+         str(script), str(path), json.dumps(files)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout)
+    assert answer["eval_size"] == eval_size
+    for key, images in tensors.items():
+        expected = detector.predict(images, threshold=0.2)
+        for got, want in zip(answer["detections"][key], expected, strict=True):
+            assert got["names"] == want.names and len(want) > 0
+            np.testing.assert_allclose(got["scores"], want.scores.numpy(), atol=1e-4)
+            np.testing.assert_allclose(got["boxes"], want.boxes.numpy(), atol=0.05)

@@ -204,7 +204,16 @@ def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
     assert detrkit.cli.main([*argv[:5], "--report", str(report_dir)]) == 2
     assert "--report" in capsys.readouterr().err
     # ...and written again over the first with it.
-    again = [*argv[:5], "--report", str(report_dir), "--overwrite", "--threshold", "0.2", "--num-workers", "0"]
+    again = [
+        *argv[:5],
+        "--report",
+        str(report_dir),
+        "--overwrite",
+        "--threshold",
+        "0.2",
+        "--num-workers",
+        "0",
+    ]
     assert detrkit.cli.main(again) == 0
     assert json.loads((report_dir / "report.json").read_text())["worst_images"] == worst
 

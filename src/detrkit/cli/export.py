@@ -15,6 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--opset", type=bounded(int, 18, None, "the ONNX opset"), default=18, help="ONNX opset (default 18)"
     )
+    p.add_argument(
+        "--raw", action="store_true",
+        help="ONNX: the model's raw outputs (logits, normalised boxes) instead of boxes, scores and labels",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(run=run)
 
@@ -30,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
         path = export_torchscript(model, args.out)
         print(f"wrote {path} (TorchScript, traced)")
         return 0
-    path = export_onnx(model, args.out, opset=args.opset)
-    print(f"wrote {path} (ONNX opset {args.opset}; dynamic batch, height and width)")
+    path = export_onnx(model, args.out, opset=args.opset, postprocess=not args.raw)
+    outputs = "raw outputs" if args.raw else "boxes, scores and labels"
+    print(f"wrote {path} (ONNX opset {args.opset}; dynamic batch, height and width; {outputs})")
     try:
         diffs = onnx_max_diff(model, path)
     except ImportError:

@@ -1,9 +1,16 @@
 """Export a DETR to ONNX (dynamic batch, height and width, with the padding mask) or TorchScript.
 
-The exported graph is the model itself: inputs ``images`` Float[B, 3, H, W] (normalised as in
-evaluation) and ``padding_mask`` Bool[B, H, W] (True on padding); outputs ``pred_logits``
+By default the ONNX graph ends in the post-processing, so that a deployment needs onnxruntime and
+numpy only: inputs ``images`` Float[B, 3, H, W] (resized and normalised as the file's metadata
+says), ``padding_mask`` Bool[B, H, W] (True on padding) and ``orig_sizes`` Int64[B, 2] (each
+image's original height, width); outputs, per image and query sorted by score, ``boxes``
+Float[B, Q, 4] (x1, y1, x2, y2 in original pixels), ``scores`` Float[B, Q] and ``labels``
+Int64[B, Q] (the dataset's category ids). The metadata (``metadata_props``) holds the class names
+and ids and the preprocessing: ``eval_size``, ``max_size``, ``mean``, ``std``.
+
+With ``postprocess=False`` (``--raw``) the graph is the model itself: outputs ``pred_logits``
 [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (normalised cx, cy, w, h) and, for mask models,
-``pred_masks`` [B, Q, H/4, W/4]. Post-processing stays outside, as in the Python API.
+``pred_masks`` [B, Q, H/4, W/4].
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
 from ..errors import ConfigError, MissingExtra
 from ..fileio import atomic_write
@@ -34,6 +42,52 @@ class ExportWrapper(nn.Module):
         return tuple(out[name] for name in self.output_names)
 
 
+class DetectionsExport(nn.Module):
+    """The model followed by DETR's post-processing (``PostProcess``): per query the most likely
+    class other than "no object", its probability, and its box in original pixels, sorted by score."""
+
+    output_names = ["boxes", "scores", "labels"]
+
+    def __init__(self, model: Detr) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("category_ids", torch.tensor(model.config.label_ids, dtype=torch.int64))
+
+    def forward(self, images: Tensor, padding_mask: Tensor, orig_sizes: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(images, padding_mask)
+        scores, labels = out["pred_logits"].softmax(-1)[..., :-1].max(-1)
+        height, width = orig_sizes[:, 0:1].to(scores.dtype), orig_sizes[:, 1:2].to(scores.dtype)
+        scale = torch.stack([width, height, width, height], -1)  # [B, 1, 4]
+        boxes = box_convert(out["pred_boxes"], "cxcywh", "xyxy") * scale
+        scores, order = scores.sort(dim=1, descending=True)
+        boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+        labels = self.category_ids[labels.gather(1, order)]
+        return boxes, scores, labels
+
+
+def export_metadata(model: Detr) -> dict[str, str]:
+    """What a user of the exported file needs besides it: classes and preprocessing (JSON values)."""
+    import json
+
+    from .._version import __version__
+    from ..data.transforms import TransformConfig
+
+    config = model.config
+    sizes = TransformConfig.scaled(float(config.extra.get("image_scale", 1.0)))
+    return {
+        "detrkit_version": __version__,
+        "class_names": json.dumps(list(config.class_names or [str(i) for i in config.label_ids])),
+        "category_ids": json.dumps(list(config.label_ids)),
+        "eval_size": str(sizes.eval_size),
+        "max_size": str(sizes.max_size),
+        "mean": json.dumps(list(sizes.mean)),
+        "std": json.dumps(list(sizes.std)),
+        "preprocessing": "RGB in [0, 1]; resize so that the shorter side is eval_size and the longer at most "
+        "max_size (bilinear, antialiased); normalise with mean and std; pad a batch at the bottom and right, "
+        "padding_mask True there",
+    }
+
+
 def example_inputs(sizes=((96, 128), (80, 96)), seed: int = 0) -> tuple[Tensor, Tensor]:
     """A padded batch of random images of different sizes (and its padding mask)."""
     g = torch.Generator().manual_seed(seed)
@@ -51,8 +105,9 @@ def _cpu_copy(model: Detr) -> Detr:
     return copy.deepcopy(model).cpu().eval()
 
 
-def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Path:
-    """Write ``model`` as ONNX with dynamic batch, height and width; returns the path."""
+def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18, postprocess: bool = True) -> Path:
+    """Write ``model`` as ONNX with dynamic batch, height and width, ending in the post-processing
+    (boxes, scores, labels; unless ``postprocess`` is False); returns the path."""
     try:
         import onnx
         import onnxscript  # noqa: F401 - the exporter needs it; say so before it fails deep inside
@@ -61,8 +116,9 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
     newest = onnx.defs.onnx_opset_version()
     if not 18 <= opset <= newest:
         raise ConfigError(f"opset={opset}: this onnx ({onnx.__version__}) writes opsets 18 to {newest}")
-    wrapper = ExportWrapper(_cpu_copy(model)).eval()
+    wrapper = (DetectionsExport if postprocess else ExportWrapper)(_cpu_copy(model)).eval()
     images, mask = example_inputs()
+    inputs = (images, mask) + ((_orig_sizes(mask),) if postprocess else ())
     batch = torch.export.Dim("batch", min=1, max=1024)
     # Backbone strides need sizes of at least one feature cell (32 px).
     height = torch.export.Dim("height", min=32, max=8192)
@@ -73,23 +129,29 @@ def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18) -> Pat
             # The exporter notes that images and padding_mask share batch/height/width: intended.
             warnings.filterwarnings("ignore", message=r".*The axis name: \w+ will not be used")
             _export(tmp)
+        if postprocess:
+            written = onnx.load(tmp)
+            for key, value in export_metadata(model).items():
+                written.metadata_props.add(key=key, value=value)
+            onnx.save(written, tmp)
         _check_onnx(tmp, opset)
 
     def _export(tmp: str) -> None:
         torch.onnx.export(
             wrapper,
-            (images, mask),
+            inputs,
             tmp,
             dynamo=True,
             # One self-contained file: external weights would be named after the temporary file
             # that atomic_write renames (and DETR R101, ~240 MB, is far below protobuf's 2 GB).
             external_data=False,
             opset_version=opset,
-            input_names=["images", "padding_mask"],
+            input_names=["images", "padding_mask"] + (["orig_sizes"] if postprocess else []),
             output_names=wrapper.output_names,
             dynamic_shapes={
                 "images": {0: batch, 2: height, 3: width},
                 "padding_mask": {0: batch, 1: height, 2: width},
+                **({"orig_sizes": {0: batch}} if postprocess else {}),
             },
             verbose=False,
         )
@@ -130,16 +192,29 @@ def export_torchscript(model: Detr, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.jit.save(traced, tmp), suffix=".pt")
 
 
+def _orig_sizes(mask: Tensor) -> Tensor:
+    """Int64[B, 2]: the unpadded (height, width) of each image of a padded batch, times 1.5 (an
+    original larger than the network input, as after a downscale)."""
+    heights = (~mask).any(2).sum(1)
+    widths = (~mask).any(1).sum(1)
+    return (torch.stack([heights, widths], 1) * 3 // 2).to(torch.int64)
+
+
 def onnx_max_diff(model: Detr, path: str | os.PathLike, sizes=((120, 90), (72, 136))) -> dict[str, float]:
     """Largest absolute difference between onnxruntime and PyTorch per output, on a padded batch."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images, mask = example_inputs(sizes, seed=1)
-    wrapper = ExportWrapper(_cpu_copy(model)).eval()
+    postprocess = [i.name for i in session.get_inputs()] == ["images", "padding_mask", "orig_sizes"]
+    wrapper = (DetectionsExport if postprocess else ExportWrapper)(_cpu_copy(model)).eval()
+    inputs = (images, mask) + ((_orig_sizes(mask),) if postprocess else ())
     with torch.no_grad():
-        expected = wrapper(images, mask)
-    got = session.run(None, {"images": images.numpy(), "padding_mask": mask.numpy()})
+        expected = wrapper(*inputs)
+    feed = {"images": images.numpy(), "padding_mask": mask.numpy()}
+    if postprocess:
+        feed["orig_sizes"] = inputs[2].numpy()
+    got = session.run(None, feed)
     return {
         name: float((torch.from_numpy(g) - e).abs().max())
         for name, g, e in zip(wrapper.output_names, got, expected, strict=True)
