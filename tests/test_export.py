@@ -152,3 +152,70 @@ def test_an_exported_file_gives_the_detectors_boxes_with_onnxruntime_and_numpy_a
             assert got["names"] == want.names and len(want) > 0
             np.testing.assert_allclose(got["scores"], want.scores.numpy(), atol=1e-4)
             np.testing.assert_allclose(got["boxes"], want.boxes.numpy(), atol=0.05)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A model of the synthetic classes and its post-processed ONNX export."""
+    pytest.importorskip("onnxruntime")
+    from conftest import shapes_config
+
+    torch.manual_seed(0)
+    model = detrkit.build_model(shapes_config(num_queries=12)).eval()
+    randomize_buffers(model)
+    return model, export_onnx(model, tmp_path_factory.mktemp("onnx") / "detr.onnx")
+
+
+def test_detector_on_an_onnx_file_gives_the_pytorch_detections(exported, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    model, path = exported
+    onnx_detector = detrkit.Detector.from_pretrained(path, batch_size=2)
+    reference = detrkit.Detector(model, batch_size=2)
+    assert onnx_detector.class_names == reference.class_names and "detr.onnx" in repr(onnx_detector)
+    generator = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (3, 90, 130), generator=generator, dtype=torch.uint8)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
+    inputs = [  # every input type; two of one size (a batch), others alone
+        tmp_path / "a.png", pixels.permute(1, 2, 0).numpy(), pixels, pixels.float() / 255,
+        torch.randint(0, 256, (3, 200, 120), generator=generator, dtype=torch.uint8),
+    ]  # fmt: skip
+    middle = float(reference.predict(inputs[0], threshold=0.0)[0].scores.median())
+    for threshold in (0.0, middle):
+        got = onnx_detector.predict(inputs, threshold=threshold)
+        want = reference.predict(inputs, threshold=threshold)
+        for g, w in zip(got, want, strict=True):
+            assert g.names == w.names and torch.equal(g.labels, w.labels)
+            torch.testing.assert_close(g.scores, w.scores, atol=1e-4, rtol=0)
+            torch.testing.assert_close(g.boxes, w.boxes, atol=0.5, rtol=0)
+    assert 0 < len(got[0]) < len(onnx_detector.predict(inputs[0], threshold=0.0)[0])  # the threshold applies
+    with pytest.raises(ValueError, match="runs as it was exported"):
+        detrkit.Detector.from_pretrained(path, precision="bf16")
+
+
+def test_predict_cli_and_refusals_for_onnx_files(exported, tmp_path, capsys):
+    _, path = exported
+    raw = export_onnx(exported[0], tmp_path / "raw.onnx", postprocess=False)
+    (tmp_path / "in").mkdir()
+    torch.manual_seed(1)
+    from PIL import Image
+
+    Image.fromarray(torch.randint(0, 256, (90, 130, 3), dtype=torch.uint8).numpy()).save(
+        tmp_path / "in/x.png"
+    )
+    argv = [
+        "predict",
+        str(tmp_path / "in"),
+        "--weights",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "--threshold",
+        "0.0",
+    ]
+    assert detrkit.cli.main(argv) == 0
+    assert "1 images, 12 detections" in capsys.readouterr().out
+    argv[3], argv[5] = str(raw), str(tmp_path / "out2")
+    assert detrkit.cli.main(argv) == 2
+    assert "not a detrkit export with post-processing" in capsys.readouterr().err

@@ -188,6 +188,8 @@ class Detector:
     ) -> None:  # fmt: skip
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if getattr(model, "postprocessed", False) and self.precision != "fp32":
+            raise ValueError(f"precision={precision!r}: an ONNX file runs as it was exported (fp32)")
         self.model = model.to(self.device).eval()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -206,6 +208,10 @@ class Detector:
     ) -> Detector:
         """Anything :func:`detrkit.load_model` reads: a file, a Hugging Face folder, an official name."""
         device = pick_device(device)  # refused before a (slow) load, not after
+        if str(source).lower().endswith(".onnx"):  # an export of `detrkit export`, run by onnxruntime
+            from .onnx_model import OnnxDetr
+
+            return cls(OnnxDetr(source), device=device, **kwargs)
         model = load_model(source).eval()
         # The model is the detector's own: its BatchNorm is folded into the convolutions
         # (detrkit.models.fold; the same outputs within float rounding, a faster forward).
@@ -296,11 +302,15 @@ class Detector:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 batch, _ = pad_images([inputs[i] for i in chunk])  # same size: no padding
+                orig = torch.tensor([list(original[i]) for i in chunk], device=self.device)
+                if getattr(self.model, "postprocessed", False):  # an ONNX export: boxes come out
+                    for i, det in zip(chunk, self.model.detect(batch, orig), strict=True):
+                        results[i] = self._select(det, threshold)
+                    continue
                 with amp_autocast(self.device, "none" if self.precision == "fp32" else self.precision):
                     outputs = self.model(batch.to(self.device))
                 # Post-processing (softmax, boxes in pixels, masks) in fp32 whatever the forward ran in.
                 outputs = {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
-                orig = torch.tensor([list(original[i]) for i in chunk], device=self.device)
                 found = self._post(outputs, orig)
                 sizes = torch.tensor([list(inputs[i].shape[-2:]) for i in chunk], device=self.device)
                 if segmentation == "instance":
@@ -344,4 +354,5 @@ class Detector:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return f"Detector({c.backbone}, {c.num_classes} classes, device={self.device})"
+        what = self.model if getattr(self.model, "postprocessed", False) else c.backbone
+        return f"Detector({what}, {c.num_classes} classes, device={self.device})"
