@@ -219,3 +219,27 @@ def test_predict_cli_and_refusals_for_onnx_files(exported, tmp_path, capsys):
     argv[3], argv[5] = str(raw), str(tmp_path / "out2")
     assert detrkit.cli.main(argv) == 2
     assert "not a detrkit export with post-processing" in capsys.readouterr().err
+
+
+def test_the_server_runs_an_onnx_file(exported):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from detrkit.inference.serve import create_app
+
+    model, path = exported
+    pixels = torch.randint(
+        0, 256, (100, 140, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    with TestClient(create_app(detrkit.Detector.from_pretrained(path))) as client:
+        answer = client.post("/v1/detect", files={"image": ("a.png", buffer.getvalue(), "image/png")}).json()
+        assert "detr.onnx" in client.get("/healthz").json()["model"]
+    [expected] = detrkit.Detector(model).predict(
+        pixels.numpy(), threshold=0.7
+    )  # the server's default threshold
+    assert [d["name"] for d in answer["detections"]] == expected.names
+    assert [d["score"] for d in answer["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)

@@ -223,9 +223,11 @@ def create_app(detector: Detector, config: ServeConfig | None = None):
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         model = detector.model.config
+        # An ONNX file is named as such, not by the default backbone of its reconstructed config.
+        what = detector.model if getattr(detector.model, "postprocessed", False) else model.backbone
         return {
             "status": "ok",
-            "model": f"{model.backbone}, {model.num_classes} classes",
+            "model": f"{what}, {model.num_classes} classes",
             "device": str(detector.device),
             "queued": batcher.queue.qsize() if batcher.queue is not None else 0,
         }
