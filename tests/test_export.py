@@ -167,7 +167,6 @@ def exported(tmp_path_factory):
 
 
 def test_detector_on_an_onnx_file_gives_the_pytorch_detections(exported, tmp_path):
-    import numpy as np
     from PIL import Image
 
     model, path = exported
@@ -242,3 +241,11 @@ def test_the_server_runs_an_onnx_file(exported):
     [expected] = detrkit.Detector(model).predict(pixels.numpy(), threshold=0.2)
     assert len(expected) > 0 and [d["name"] for d in answer["detections"]] == expected.names
     assert [d["score"] for d in answer["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-4)
+
+
+def test_onnx_files_auto_precision_and_explain(exported, tmp_path, capsys):
+    _, path = exported
+    assert detrkit.Detector.from_pretrained(path, precision="auto").precision == "fp32"
+    argv = ["explain", str(tmp_path / "x.png"), "--weights", str(path), "--out", str(tmp_path / "a.png")]
+    assert detrkit.cli.main(argv) == 2
+    assert "attention maps need the PyTorch model" in capsys.readouterr().err

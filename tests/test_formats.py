@@ -6,6 +6,7 @@ names the file and line of each fault."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -298,3 +299,57 @@ def test_a_yaml_without_names_is_refused(tmp_path):
     (tmp_path / "data.yaml").write_text("train: images/train\n")
     with pytest.raises(DatasetError, match="'names' must list the class names"):
         open_split(tmp_path, "train2017")
+
+
+@pytest.mark.parametrize("to", ["coco", "voc", "yolo"])
+def test_images_of_the_same_name_stay_apart_in_a_conversion(coco_root, tmp_path, to):
+    """Two cameras' 0001.jpg (a YOLO set read with absolute paths): two images out, none overwritten."""
+    src = tmp_path / "src"
+    first = sorted((coco_root / "train2017").glob("*.jpg"))[:2]
+    for camera, image in zip(("cam1", "cam2"), first):
+        (src / "images/train" / camera).mkdir(parents=True)
+        (src / "labels/train" / camera).mkdir(parents=True)
+        (src / "images/train" / camera / "0001.jpg").write_bytes(image.read_bytes())
+        (src / "labels/train" / camera / "0001.txt").write_text(f"{len(camera) - 4} 0.5 0.5 0.2 0.2\n")
+    (src / "data.yaml").write_text("train: images/train\nval: images/train\nnames: [a, b]\n")
+    convert(src, tmp_path / "out", to)
+    back = tmp_path / "back"
+    convert(tmp_path / "out", back, "coco")
+    data = json.loads(next(back.glob("annotations/instances_train*.json")).read_text())
+    files = [back / next(back.glob("train*")).name / i["file_name"] for i in data["images"]]
+    assert len(set(files)) == 2 and all(f.is_file() for f in files)
+    assert {f.read_bytes() for f in files} == {image.read_bytes() for image in first}
+
+
+def test_labelme_splits_share_their_class_ids(tmp_path):
+    """val/ holding only some classes numbers them as train/ does."""
+    from PIL import Image
+
+    for split, labels in (("train", ["cat", "dog"]), ("val", ["dog"])):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (40, 30)).save(tmp_path / split / "a.png")
+        shapes = [
+            {"label": n, "points": [[1, 1], [9 + i, 9]], "shape_type": "rectangle"}
+            for i, n in enumerate(labels)
+        ]
+        (tmp_path / split / "a.json").write_text(json.dumps(
+            {"shapes": shapes, "imagePath": "a.png", "imageWidth": 40, "imageHeight": 30}
+        ))  # fmt: skip
+    train, val = (dict(open_split(tmp_path, s).annotations) for s in ("train2017", "val2017"))
+    assert train["categories"] == val["categories"]
+    dog = next(c["id"] for c in train["categories"] if c["name"] == "dog")
+    assert [a["category_id"] for a in val["annotations"]] == [dog]
+
+
+def test_roboflow_yolo_yaml_paths(coco_root, tmp_path):
+    """Roboflow's data.yaml says train: ../train/images from the export's root."""
+    convert(coco_root, tmp_path / "y", "yolo")
+    root = tmp_path / "roboflow"
+    for split, name in (("train2017", "train"), ("val2017", "valid")):
+        shutil.copytree(tmp_path / "y/images" / split, root / name / "images")
+        shutil.copytree(tmp_path / "y/labels" / split, root / name / "labels")
+    (root / "data.yaml").write_text(
+        "train: ../train/images\nval: ../valid/images\nnc: 4\nnames: [rectangle, ellipse, triangle, diamond]\n"
+    )
+    opened = open_split(root, "val2017")
+    assert_same_boxes(original(coco_root, "val"), dict(opened.annotations))

@@ -122,3 +122,18 @@ def test_a_per_class_monitor_of_an_unknown_class_is_refused_before_training(tmp_
     with pytest.raises(ConfigError, match="no class 'hexagon' in the data"):
         Trainer(tiny(tmp_path, data_root, monitor="bbox/AP_per_class/hexagon"))
     assert not (tmp_path / "run" / LAST).exists()
+
+
+def test_a_per_class_monitor_of_a_class_absent_from_validation_is_refused(tmp_path, data_root):
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    path = root / "annotations/instances_val2017.json"
+    data = json.loads(path.read_text())
+    gone = data["categories"][0]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != gone["id"]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=f"the validation set has no '{gone['name']}' object"):
+        Trainer(tiny(tmp_path, root, monitor=f"bbox/AP_per_class/{gone['name']}"))

@@ -143,9 +143,10 @@ def test_precision_recall_f1_and_the_best_threshold_on_the_hand_built_image():
     assert a["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
     assert (b["tp"], b["fp"], b["fn"]) == (0, 0, 1) and b["f1"] == 0
     assert (overall["tp"], overall["fp"], overall["fn"]) == (1, 2, 2)
-    # F1 over thresholds: 0.9 -> 2/(1+0+3) = 0.5 is the best (every later detection is false).
-    assert overall["best_threshold"] == pytest.approx(0.9) and overall["best_f1"] == pytest.approx(0.5)
-    assert a["best_threshold"] == pytest.approx(0.9) and a["best_f1"] == pytest.approx(2 / 3)
+    # F1 over thresholds: keeping the 0.9 alone, 2/(1+0+3) = 0.5, is the best (every later detection
+    # is false); predict keeps scores above its threshold, so that threshold is the next score, 0.8.
+    assert overall["best_threshold"] == pytest.approx(0.8) and overall["best_f1"] == pytest.approx(0.5)
+    assert a["best_threshold"] == pytest.approx(0.8) and a["best_f1"] == pytest.approx(2 / 3)
     assert image_errors(matches, 0.5) == [{"image_id": 1, "missed": 2, "false_positives": 2}]
 
 
@@ -198,7 +199,7 @@ def test_eval_report_on_the_synthetic_validation_set(tmp_path, capsys):
     assert "worst/" in markdown and "| name | AP | AP50 | AP75 | AR100 |" in markdown
     assert "|---|---|---|" in markdown and "| rectangle |" in markdown
     best = report["overall"]["best_threshold"]
-    assert f"F1 is highest, {report['overall']['best_f1']:.3f}, at score >= {best:.3f}" in markdown
+    assert f"F1 is highest, {report['overall']['best_f1']:.3f}, at score > {best:.6g}" in markdown
     # A second report into the same folder is refused unless --overwrite.
     capsys.readouterr()
     assert detrkit.cli.main([*argv[:5], "--report", str(report_dir)]) == 2
@@ -283,3 +284,24 @@ def test_max_dets_is_cocos_max_dets():
     with pytest.raises(ValueError, match="max_dets=5: at least 10"):
         evaluator.max_dets = 5
         evaluator.summarize()
+
+
+def test_the_best_threshold_is_reproduced_by_predicts_rule_and_respects_ties():
+    """Detections kept by ``score > best_threshold`` give ``best_f1``; equal scores go together."""
+    gt = json.loads(json.dumps(HAND_GT))
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [11, 10, 20, 20], "score": 0.9},  # found
+        {"image_id": 1, "category_id": 1, "bbox": D, "score": 0.6},  # false, tied with the next
+        {"image_id": 1, "category_id": 1, "bbox": [10, 61, 20, 20], "score": 0.6},  # found (C)
+        {"image_id": 1, "category_id": 2, "bbox": B, "score": 0.2},  # found
+    ]
+    matches = match_dataset(gt, results, [1])
+    best = precision_recall_f1(matches, [1, 2], 0.5)["all"]
+    # Kept by score > t: {0.9} F1 0.5; {0.9, 0.6, 0.6} 2*2/(3+3) = 0.667; all four 2*3/(4+3) = 0.857.
+    assert best["best_f1"] == pytest.approx(6 / 7) and best["best_threshold"] == 0.0
+    again = precision_recall_f1(matches, [1, 2], best["best_threshold"])["all"]
+    assert again["f1"] == pytest.approx(best["best_f1"])
+    a = precision_recall_f1(matches, [1, 2], 0.5)[1]
+    # Class 1: {0.9} 2/(1+2) = 0.667, {0.9, 0.6, 0.6} 4/(3+2) = 0.8: never "0.9 and one 0.6".
+    assert a["best_f1"] == pytest.approx(0.8) and a["best_threshold"] == 0.0
+    assert precision_recall_f1(matches, [1, 2], a["best_threshold"])[1]["f1"] == pytest.approx(0.8)

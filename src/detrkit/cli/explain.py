@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.out is not None and not str(args.out).lower().endswith(".png"):
         raise ConfigError(f"--out {args.out}: the picture is a PNG; name it *.png")
+    if str(args.weights).lower().endswith(".onnx"):
+        raise ConfigError(f"{args.weights}: attention maps need the PyTorch model, not an ONNX export")
     detector = Detector.from_pretrained(args.weights, device=args.device)
     maps = attention_maps(detector, load_image(args.image), threshold=args.threshold)
     path = draw_attention(maps, args.out, max_detections=args.max_detections)

@@ -70,13 +70,12 @@ def convert(
 
 def write_coco(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> list[str]:
     """COCO layout: ``annotations/instances_<split>.json`` and the images in ``<split>/``."""
-    from .yolo import _link_or_copy
+    from .yolo import _link_or_copy, output_name
 
     for split, (data, image_dir) in splits.items():
-        images = []
+        images, used = [], set()
         for image in data["images"]:
-            relative = Path(image["file_name"])
-            relative = Path(relative.name) if relative.is_absolute() else relative
+            relative = output_name(image["file_name"], used)
             target = out / split / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(Path(image_dir) / image["file_name"], target)

@@ -40,7 +40,7 @@ def read_labelme(root: Path, split: str) -> Split:
     folder, _ = split_folder(root, split)
     problems: list[tuple[str, str]] = []
     documents = []
-    everything = sorted(root.rglob("*.json")) if folder == root else sorted(folder.glob("*.json"))
+    everything = sorted(root.rglob("*.json"))  # every split's names: train and val share the ids
     for path in sorted(folder.glob("*.json")):
         try:
             document = json.loads(path.read_text(encoding="utf-8-sig"))

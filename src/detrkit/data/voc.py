@@ -121,7 +121,7 @@ def write_voc(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> list
     """Write COCO splits as a Pascal VOC dataset in ``out`` (``Annotations/``, ``JPEGImages/``,
     ``ImageSets/Main/<split>.txt``); crowd regions become ``difficult`` objects. Returns what could
     not be carried (masks: VOC detection has boxes only)."""
-    from .yolo import _link_or_copy
+    from .yolo import _link_or_copy, output_name
 
     (out / "Annotations").mkdir(parents=True, exist_ok=True)
     (out / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
@@ -138,10 +138,8 @@ def write_voc(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> list
         stems = []
         for image in data["images"]:
             source = Path(image_dir) / image["file_name"]
-            stem = Path(image["file_name"]).stem
-            if stem in written:  # VOC keeps every split's images in one folder: names must differ
-                stem = f"{split}_{stem}"
-            written.add(stem)
+            # VOC keeps every split's images in one folder, by stem: names must differ.
+            stem = output_name(Path(image["file_name"]).stem, written).as_posix()
             stems.append(stem)
             _link_or_copy(source, out / "JPEGImages" / f"{stem}{source.suffix}")
             objects = []

@@ -63,6 +63,10 @@ def split_images(yaml_path: Path, data: dict[str, Any], split: str) -> tuple[str
             files: list[Path] = []
             for entry in entries:
                 target = base / str(entry)
+                if not target.exists() and str(entry).startswith("../"):
+                    # Roboflow writes train: ../train/images beside a data.yaml in the root, as
+                    # Ultralytics reads it (the ../ dropped when it leads nowhere).
+                    target = base / str(entry)[3:]
                 if target.is_dir():
                     files += sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
                 elif target.is_file() and target.suffix == ".txt":
@@ -173,8 +177,11 @@ def write_yolo(
     then the polygon's extent). Returns what could not be carried (crowd regions: YOLO has none)."""
     import yaml
 
-    first = next(iter(splits.values()))[0]
-    categories = sorted(first["categories"], key=lambda c: c["id"])
+    # Every split's categories (they normally agree): a class of a later split only has an index too.
+    categories = sorted(
+        {c["id"]: c for data, _ in splits.values() for c in data["categories"]}.values(),
+        key=lambda c: c["id"],
+    )
     index = {c["id"]: i for i, c in enumerate(categories)}
     dropped: list[str] = []
     for split, (data, image_dir) in splits.items():
@@ -184,10 +191,10 @@ def write_yolo(
         crowd = sum(1 for a in data["annotations"] if a.get("iscrowd", 0))
         if crowd:
             dropped.append(f"{split}: {crowd} crowd region(s) (YOLO has no crowd annotations)")
+        used: set[str] = set()
         for image in data["images"]:
             source = Path(image_dir) / image["file_name"]
-            relative = Path(image["file_name"])  # sub-folders kept: equal names cannot collide
-            relative = Path(relative.name) if relative.is_absolute() else relative
+            relative = output_name(image["file_name"], used)
             target = out / "images" / split / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(source, target)
@@ -214,6 +221,20 @@ def write_yolo(
     }
     (out / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return dropped
+
+
+def output_name(file_name: str, used: set[str]) -> Path:
+    """Where an image goes in a written dataset: its relative path as it stands (an absolute one by
+    its name), made unique with a counter against ``used`` (updated), so that no image overwrites
+    another."""
+    relative = Path(file_name)
+    relative = Path(relative.name) if relative.is_absolute() else relative
+    candidate, n = relative, 1
+    while candidate.as_posix() in used:
+        candidate = relative.with_name(f"{relative.stem}_{n}{relative.suffix}")
+        n += 1
+    used.add(candidate.as_posix())
+    return candidate
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

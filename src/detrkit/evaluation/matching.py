@@ -43,12 +43,12 @@ class ImageMatch:
     boxes: np.ndarray = field(repr=False)  # float64[D, 4] xywh
 
     def missed(self, threshold: float) -> np.ndarray:
-        """bool[G]: the objects no detection scored >= ``threshold`` found."""
-        return self.gt_found_at < threshold
+        """bool[G]: the objects no detection scored above ``threshold`` found."""
+        return self.gt_found_at <= threshold
 
     def false_positives(self, threshold: float) -> np.ndarray:
-        """bool[D]: the detections scored >= ``threshold`` that found no object of their class."""
-        return (self.scores >= threshold) & ~self.true_positive & ~self.ignored
+        """bool[D]: the detections scored above ``threshold`` that found no object of their class."""
+        return (self.scores > threshold) & ~self.true_positive & ~self.ignored
 
 
 def _iou(dt: np.ndarray, gt: np.ndarray, crowd: Sequence[int]) -> np.ndarray:
@@ -113,18 +113,23 @@ def precision_recall_f1(
     matches: Sequence[ImageMatch], category_ids: Sequence[int], threshold: float
 ) -> dict[int | str, dict[str, Any]]:
     """Per category id (and ``"all"``, pooled over classes): ``precision``, ``recall``, ``f1``,
-    ``tp``, ``fp``, ``fn`` of the detections scored >= ``threshold``, and ``best_threshold`` with
-    ``best_f1``: the score threshold that maximises F1 over all thresholds."""
+    ``tp``, ``fp``, ``fn`` of the detections scored above ``threshold`` (as ``predict`` keeps them),
+    and ``best_threshold`` with ``best_f1``: the threshold that maximises F1 (None: no detection)."""
     curves = f1_curves(matches, category_ids)
     out: dict[int | str, dict[str, float]] = {}
     for key, (scores, tp, fp, positives) in curves.items():
-        at = int(np.searchsorted(-scores, -threshold, side="right"))  # detections with score >= t
+        at = int(np.searchsorted(-scores, -threshold, side="left"))  # detections with score > t
         tp_t, fp_t = (float(tp[at - 1]), float(fp[at - 1])) if at else (0.0, 0.0)
         row = _prf(tp_t, fp_t, positives)
-        f1 = 2 * tp / np.maximum(tp + fp + positives, 1e-12)
-        best = int(np.argmax(f1)) if len(f1) else -1
-        row["best_threshold"] = float(scores[best]) if best >= 0 else None  # no detection at all
-        row["best_f1"] = float(f1[best]) if best >= 0 else 0.0
+        # A threshold keeps whole groups of equal scores: F1 only where a group ends. Keeping the
+        # top k is the threshold of the (k+1)-th score, as predict keeps scores above it (0: all).
+        ends = np.flatnonzero(np.append(scores[1:] < scores[:-1], True)) if len(scores) else np.zeros(0, int)
+        f1 = 2 * tp[ends] / np.maximum(tp[ends] + fp[ends] + positives, 1e-12)
+        best = int(ends[np.argmax(f1)]) if len(ends) else -1
+        row["best_threshold"] = (
+            (float(scores[best + 1]) if best + 1 < len(scores) else 0.0) if best >= 0 else None
+        )
+        row["best_f1"] = float(f1.max()) if len(ends) else 0.0
         out[key] = row
     return out
 
@@ -169,7 +174,7 @@ def confusion_matrix(
     index = {int(c): i for i, c in enumerate(category_ids)}
     matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
     for m in matches:
-        above = (m.scores >= threshold) & ~m.ignored
+        above = (m.scores > threshold) & ~m.ignored
         dt_boxes, dt_cats = m.boxes[above], m.categories[above]
         gt_rows = np.array([index.get(int(c), k) for c in m.gt_categories], dtype=np.int64)
         dt_cols = np.array([index.get(int(c), k) for c in dt_cats], dtype=np.int64)

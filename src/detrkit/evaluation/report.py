@@ -30,7 +30,7 @@ import numpy as np
 from ..drawing import draw_boxes
 from ..errors import ConfigError
 from ..fileio import atomic_write, write_json_atomic
-from .coco import CocoEvaluator
+from .coco import CocoEvaluator, with_areas
 from .matching import IOU, confusion_matrix, f1_curves, image_errors, match_dataset, precision_recall_f1
 from .pq import PanopticEvaluator
 
@@ -65,7 +65,10 @@ def write_report(
 
     categories = sorted(int(c["id"]) for c in evaluator.ground_truth.get("categories", []))
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.ground_truth.get("categories", [])}
-    matches = match_dataset(evaluator.ground_truth, evaluator.results, sorted(evaluator.image_ids))
+    # As COCOeval reads it: boxes and areas filled in from masks where the file has none.
+    matches = match_dataset(
+        with_areas(evaluator.ground_truth), evaluator.results, sorted(evaluator.image_ids)
+    )
     prf = precision_recall_f1(matches, categories, threshold)
     per_class = {t: evaluator.per_class(t) for t in evaluator.iou_types}
     for row in per_class["bbox"]:
@@ -180,7 +183,7 @@ def _plot_confusion(plt, matrix: np.ndarray, labels: list[str], threshold: float
                 if v:
                     color = "white" if v > 0.6 * top else "black"
                     ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color=color)
-    figure.suptitle(f"confusion matrix: score >= {threshold:g}, IoU >= {IOU:g}")
+    figure.suptitle(f"confusion matrix: score > {threshold:g}, IoU >= {IOU:g}")
     return figure
 
 
@@ -269,7 +272,7 @@ def _draw_worst(evaluator, matches, errors, image_dir: Path, out: Path, threshol
             [names.get(int(c), str(c)) + (" MISSED" if x else "") for c, x in zip(m.gt_categories, missed)],
             m.gt_categories.tolist(),
         )  # fmt: skip
-        keep = (m.scores >= threshold) & ~m.ignored
+        keep = (m.scores > threshold) & ~m.ignored
         false = m.false_positives(threshold)[keep]
         right = draw_boxes(
             image.copy(), _xyxy(m.boxes[keep] * zoom),
@@ -302,11 +305,11 @@ def _markdown(report: dict[str, Any], pictures: list[str]) -> str:
     if "overall" in report:
         o, t = report["overall"], report["threshold"]
         lines += [
-            f"At score >= {t:g} (IoU >= {report['match_iou']:g}): precision {o['precision']:.3f}, "
+            f"At score > {t:g} (IoU >= {report['match_iou']:g}): precision {o['precision']:.3f}, "
             f"recall {o['recall']:.3f}, F1 {o['f1']:.3f} ({o['tp']:.0f} found, {o['fn']:.0f} missed, "
             f"{o['fp']:.0f} false alarms)."
             + (
-                f" F1 is highest, {o['best_f1']:.3f}, at score >= {o['best_threshold']:.3f}: the "
+                f" F1 is highest, {o['best_f1']:.3f}, at score > {o['best_threshold']:.6g}: the "
                 "`--threshold` to deploy with."
                 if o["best_threshold"] is not None
                 else ""

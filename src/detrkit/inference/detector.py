@@ -187,8 +187,9 @@ class Detector:
         precision: str = "fp32",
     ) -> None:  # fmt: skip
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        if getattr(model, "postprocessed", False) and self.precision != "fp32":
+        onnx = getattr(model, "postprocessed", False)
+        self.precision = "fp32" if onnx and precision == "auto" else resolve_precision(precision, self.device)
+        if onnx and self.precision != "fp32":
             raise ValueError(f"precision={precision!r}: an ONNX file runs as it was exported (fp32)")
         self.model = model.to(self.device).eval()
         if batch_size < 1:

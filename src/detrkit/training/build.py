@@ -66,6 +66,19 @@ class Datasets:
     train_with_masks: Callable[[], Dataset]
 
 
+def validated_classes(dataset: CocoDetection | CocoPanoptic) -> set[str] | None:
+    """The class names with objects (crowd regions aside) in a detection dataset (None: panoptic)."""
+    if isinstance(dataset, CocoPanoptic):
+        return None
+    cmap = dataset.category_map
+    names = dict(zip(cmap.category_ids, cmap.names))
+    return {
+        names[a["category_id"]]
+        for a in dataset.data["annotations"]
+        if not a.get("iscrowd", 0) and a["category_id"] in names
+    }
+
+
 def _objects(dataset: CocoDetection) -> int:
     """The objects (crowd regions aside) of a dataset's annotations."""
     return sum(1 for a in dataset.data["annotations"] if not a.get("iscrowd", 0))

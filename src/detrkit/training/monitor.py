@@ -76,13 +76,18 @@ class Monitor:
     def maximize(self) -> bool:
         return not self.key.endswith("loss")
 
-    def check_classes(self, class_names: tuple[str, ...] | list[str]) -> None:
-        """Refuse, before any training, a per-class key whose class the model does not have."""
+    def check_classes(
+        self, class_names: tuple[str, ...] | list[str], validated: set[str] | None = None
+    ) -> None:
+        """Refuse, before any training, a per-class key whose class the model does not have, or
+        that has no object (crowd regions aside) in the validation set: it would have no AP."""
         parts = self.key.split("/", 2)
         if len(parts) == 3 and parts[2] not in class_names:
             raise ConfigError(
                 f"monitor={self.key!r}: no class {parts[2]!r} in the data (classes: {', '.join(class_names)})"
             )
+        if len(parts) == 3 and validated is not None and parts[2] not in validated:
+            raise ConfigError(f"monitor={self.key!r}: the validation set has no {parts[2]!r} object to score")
 
     def value(self, metrics: dict[str, float]) -> float:
         if self.key not in metrics:  # e.g. a class name that the validation set does not have

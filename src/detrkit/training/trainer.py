@@ -101,7 +101,7 @@ class Trainer:
         else:
             model = build.build_model(config, self.train_set, self.log, source)
         self.model: Detr = model.to(self.device)
-        self.monitor.check_classes(self.model.config.class_names or ())
+        self.monitor.check_classes(self.model.config.class_names or (), build.validated_classes(self.val_set))
         self.criterion = build_criterion(self.model.config).to(self.device)
         self.aid = build.build_aid(config, self.model, self.criterion, self.device)
         self.module: nn.Module = self.aid if self.aid is not None else self.model  # what trains
