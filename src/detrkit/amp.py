@@ -32,3 +32,17 @@ def amp_autocast(device: torch.device, amp: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def outputs_to_float(outputs: dict) -> dict:
+    """Model outputs (tensors, and the lists of dicts of the auxiliary outputs) in fp32: what loss
+    and post-processing read, whatever precision the forward ran in."""
+
+    def to_float(value):
+        if isinstance(value, torch.Tensor):
+            return value.float()
+        if isinstance(value, list):
+            return [{k: to_float(v) for k, v in item.items()} for item in value]
+        return value
+
+    return {k: to_float(v) for k, v in outputs.items()}

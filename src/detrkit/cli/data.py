@@ -129,9 +129,7 @@ def run_check(args: argparse.Namespace) -> int:
         if image_dir is None:
             report.warn("images not checked", "no image folder found (pass --images DIR)")
         if more is not None and report.ok:
-            from ..fileio import read_json_file
-
-            more(read_json_file(ann, what="annotation file"), report)
+            more(report.data, report)
         print(report.summary())
         ok = ok and report.ok
     return 0 if ok else 1

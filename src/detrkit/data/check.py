@@ -8,13 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from ..fileio import read_json_file
+from .images import image_size
 from .schema import structure_problems
 from .segmentations import find_bad_segmentations
-
-EXIF_ORIENTATION = 274  # the EXIF tag; values 5-8 swap width and height
 
 
 @dataclass
@@ -25,6 +24,7 @@ class CheckReport:
     errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     warnings: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     stats: dict[str, int] = field(default_factory=dict)
+    data: dict | None = field(default=None, repr=False)  # the annotations as read (None: unreadable)
 
     @property
     def ok(self) -> bool:
@@ -48,15 +48,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the loader will see it (EXIF orientation applied), from the header only."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
-            width, height = height, width
-    return width, height
-
-
 def check_annotations(
     ann_file: str | os.PathLike | dict,
     image_dir: str | os.PathLike | None = None,
@@ -74,6 +65,7 @@ def check_annotations(
         except ValueError as e:
             report.error("unreadable annotation file", str(e))
             return report
+    report.data = data
     # The loader's own structural check: the same problems, named the same way. The checks below
     # read the entries, so they run only on a file whose structure is sound.
     problems = structure_problems(data)
@@ -129,7 +121,7 @@ def check_annotations(
                 report.error("missing image files", str(path))
                 continue
             try:
-                size = _image_size(path)
+                size = image_size(path)
             except (UnidentifiedImageError, OSError) as e:
                 report.error("unreadable image files", f"{path}: {e}")
                 continue

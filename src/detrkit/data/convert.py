@@ -70,7 +70,7 @@ def convert(
 
 def write_coco(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> list[str]:
     """COCO layout: ``annotations/instances_<split>.json`` and the images in ``<split>/``."""
-    from .yolo import _link_or_copy, output_name
+    from .formats import link_or_copy, output_name
 
     for split, (data, image_dir) in splits.items():
         images, used = [], set()
@@ -78,7 +78,7 @@ def write_coco(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> lis
             relative = output_name(image["file_name"], used)
             target = out / split / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(Path(image_dir) / image["file_name"], target)
+            link_or_copy(Path(image_dir) / image["file_name"], target)
             images.append({**image, "file_name": relative.as_posix()})
         write_json_atomic(out / "annotations" / f"instances_{split}.json", {**data, "images": images})
     return []

@@ -13,14 +13,15 @@ file and line of every entry it cannot read; with ``strict`` the first ones are 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from .coco import DatasetError
-from .images import ORIENTATION
+from .images import image_size
 
 FORMATS = ("auto", "coco", "yolo", "voc", "labelme")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -48,15 +49,6 @@ class Split:
     @property
     def source(self) -> str:
         return str(self.annotations.source if isinstance(self.annotations, Annotations) else self.annotations)
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) as the loader will see it (EXIF orientation applied), from the header only."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(ORIENTATION) in (5, 6, 7, 8):
-            width, height = height, width
-    return width, height
 
 
 def read_size(path: Path, problems: list[tuple[str, str]]) -> tuple[int, int] | None:
@@ -161,3 +153,28 @@ def splits_of(root: Path, kind: str) -> list[str]:
 
     folders = [p.name for p in _subfolders(root) if is_labelme_folder(p)]
     return folders or ["all"]
+
+
+def output_name(file_name: str, used: set[str]) -> Path:
+    """Where an image goes in a written dataset: its relative path as it stands (an absolute one by
+    its name), made unique with a counter against ``used`` (updated), so that no image overwrites
+    another."""
+    relative = Path(file_name)
+    relative = Path(relative.name) if relative.is_absolute() else relative
+    candidate, n = relative, 1
+    while candidate.as_posix() in used:
+        candidate = relative.with_name(f"{relative.stem}_{n}{relative.suffix}")
+        n += 1
+    used.add(candidate.as_posix())
+    return candidate
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows it (no second copy of the images), else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

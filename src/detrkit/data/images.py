@@ -51,6 +51,16 @@ def to_rgb(image: Image.Image, *, orient: bool = True) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as :func:`load_image` will see it (EXIF orientation applied; values 5-8 swap
+    width and height), from the header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(ORIENTATION) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as an upright RGB ``PIL.Image``.
 

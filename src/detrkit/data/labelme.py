@@ -40,26 +40,26 @@ def read_labelme(root: Path, split: str) -> Split:
     folder, _ = split_folder(root, split)
     problems: list[tuple[str, str]] = []
     documents = []
-    everything = sorted(root.rglob("*.json"))  # every split's names: train and val share the ids
-    for path in sorted(folder.glob("*.json")):
+    names = set()
+    # Every JSON of the dataset is read once: the split's own are its images, and every split's
+    # names make the class list, so that train and val share the ids.
+    for path in sorted(root.rglob("*.json")):
+        mine = path.parent == folder
         try:
             document = json.loads(path.read_text(encoding="utf-8-sig"))
         except (ValueError, OSError) as e:
-            problems.append(("unreadable annotation files", f"{path}: {e}"))
+            if mine:
+                problems.append(("unreadable annotation files", f"{path}: {e}"))
             continue
         if not isinstance(document, dict) or not isinstance(document.get("shapes"), list):
-            problems.append(
-                ("malformed annotation files", f"{path}: expected a LabelMe object with 'shapes'")
-            )
+            if mine:
+                problems.append(
+                    ("malformed annotation files", f"{path}: expected a LabelMe object with 'shapes'")
+                )
             continue
-        documents.append((path, document))
-    names = set()
-    for path in everything:  # the class list of every split, so that all share the ids
-        try:
-            document = json.loads(path.read_text(encoding="utf-8-sig"))
-            names.update(str(s.get("label")) for s in document.get("shapes", []) if isinstance(s, dict))
-        except (ValueError, OSError, AttributeError):
-            continue
+        names.update(str(s.get("label")) for s in document["shapes"] if isinstance(s, dict))
+        if mine:
+            documents.append((path, document))
     categories = categories_from_names(sorted(names), 1)
     category_of = {c["name"]: c["id"] for c in categories}
     images, annotations = [], []

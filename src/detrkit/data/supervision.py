@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .formats import Annotations, image_size
+from .formats import Annotations
+from .images import image_size
 
 
 def from_supervision_dataset(dataset: Any) -> Annotations:

@@ -22,6 +22,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def scaled_size(size: int, factor: float) -> int:
+    """A size of the paper's recipe at scale ``factor`` (at least 8 px)."""
+    return max(8, int(round(size * factor)))
+
+
 @dataclass(frozen=True)
 class TransformConfig:
     """Image sizes of the training recipe (the paper's by default).
@@ -64,7 +69,7 @@ class TransformConfig:
             raise ConfigError(f"TransformConfig.scaled({factor!r}): the scale must be a number in (0, 10]")
 
         def s(x: int) -> int:
-            return max(8, int(round(x * factor)))
+            return scaled_size(x, factor)
 
         base = cls()
         fields = dict(
@@ -231,7 +236,7 @@ def augmentation(
         if high > paper.max_size:
             raise ConfigError(f"scale_max={high}: at most {paper.max_size} (the longest side allowed)")
         sizes = set(range(low, high + 1, 32)) | {high}
-        train_scales = tuple(sorted({max(8, int(round(x * scale))) for x in sizes}))
+        train_scales = tuple(sorted({scaled_size(x, scale) for x in sizes}))
     config = TransformConfig.scaled(
         scale, train_scales=train_scales, hflip_prob=0.5 if flips else 0.0,
         crop_prob=0.5 if crops else 0.0, color_jitter=jitter,

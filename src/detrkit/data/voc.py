@@ -121,7 +121,7 @@ def write_voc(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> list
     """Write COCO splits as a Pascal VOC dataset in ``out`` (``Annotations/``, ``JPEGImages/``,
     ``ImageSets/Main/<split>.txt``); crowd regions become ``difficult`` objects. Returns what could
     not be carried (masks: VOC detection has boxes only)."""
-    from .yolo import _link_or_copy, output_name
+    from .formats import link_or_copy, output_name
 
     (out / "Annotations").mkdir(parents=True, exist_ok=True)
     (out / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def write_voc(splits: dict[str, tuple[dict[str, Any], Path]], out: Path) -> list
             # VOC keeps every split's images in one folder, by stem: names must differ.
             stem = output_name(Path(image["file_name"]).stem, written).as_posix()
             stems.append(stem)
-            _link_or_copy(source, out / "JPEGImages" / f"{stem}{source.suffix}")
+            link_or_copy(source, out / "JPEGImages" / f"{stem}{source.suffix}")
             objects = []
             for a in anns.get(image["id"], []):
                 x, y, w, h = a["bbox"]

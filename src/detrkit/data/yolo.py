@@ -10,13 +10,11 @@ without objects, as in Ultralytics.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .coco import DatasetError
-from .formats import IMAGE_SUFFIXES, Annotations, Split, read_size, split_names
+from .formats import IMAGE_SUFFIXES, Annotations, Split, link_or_copy, output_name, read_size, split_names
 
 YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml")
 
@@ -197,7 +195,7 @@ def write_yolo(
             relative = output_name(image["file_name"], used)
             target = out / "images" / split / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(source, target)
+            link_or_copy(source, target)
             lines = []
             w, h = image["width"], image["height"]
             for a in anns.get(image["id"], []):
@@ -221,28 +219,3 @@ def write_yolo(
     }
     (out / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return dropped
-
-
-def output_name(file_name: str, used: set[str]) -> Path:
-    """Where an image goes in a written dataset: its relative path as it stands (an absolute one by
-    its name), made unique with a counter against ``used`` (updated), so that no image overwrites
-    another."""
-    relative = Path(file_name)
-    relative = Path(relative.name) if relative.is_absolute() else relative
-    candidate, n = relative, 1
-    while candidate.as_posix() in used:
-        candidate = relative.with_name(f"{relative.stem}_{n}{relative.suffix}")
-        n += 1
-    used.add(candidate.as_posix())
-    return candidate
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the file system allows it (no second copy of the images), else a copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..amp import amp_autocast
+from ..amp import amp_autocast, outputs_to_float
 from ..data.coco import CategoryMap, CocoDetection, DatasetError
 from ..data.collate import Batch, SkipTracker
 from ..data.panoptic import CocoPanoptic
@@ -61,7 +61,7 @@ def evaluate(
         with amp_autocast(device, amp):
             outputs = model(batch.images, batch.padding_mask)
         if amp != "none":  # loss and post-processing in fp32 whatever the forward ran in
-            outputs = {k: _to_float(v) for k, v in outputs.items()}
+            outputs = outputs_to_float(outputs)
         if criterion is not None:
             # This batch's own normalisers, with no collective: the processes' shards may differ in
             # length (and a process may have no image), so per-batch collectives would not pair up.
@@ -95,15 +95,6 @@ def evaluate(
     if criterion is not None:
         metrics["val/loss"] = loss_sum / max(batches, 1.0)  # mean over every validation batch
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-
-
-def _to_float(value):
-    """Tensors (and the lists of dicts of the auxiliary outputs) as fp32."""
-    if isinstance(value, torch.Tensor):
-        return value.float()
-    if isinstance(value, list):
-        return [{k: _to_float(v) for k, v in item.items()} for item in value]
-    return value
 
 
 def build_evaluator(

@@ -64,7 +64,7 @@ def write_report(
         return report
 
     categories = sorted(int(c["id"]) for c in evaluator.ground_truth.get("categories", []))
-    names = {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.ground_truth.get("categories", [])}
+    names = category_names(evaluator)
     # As COCOeval reads it: boxes and areas filled in from masks where the file has none.
     matches = match_dataset(
         with_areas(evaluator.ground_truth), evaluator.results, sorted(evaluator.image_ids)
@@ -110,6 +110,11 @@ def write_report(
     write_json_atomic(out / "report.json", report)
     _write_bytes(out / "report.md", _markdown(report, pictures).encode())
     return report
+
+
+def category_names(evaluator: CocoEvaluator) -> dict[int, str]:
+    """``{category id: name}`` of the evaluator's ground truth (the id itself where it has no name)."""
+    return {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.ground_truth.get("categories", [])}
 
 
 def panoptic_per_class(evaluator: PanopticEvaluator) -> list[dict[str, Any]]:
@@ -194,7 +199,7 @@ def pr_curves(evaluator: CocoEvaluator, iou_type: str = "bbox") -> dict[str, dic
     evaluation = evaluator.cocoevals.get(iou_type)
     if evaluation is None:
         return {}
-    names = {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.ground_truth.get("categories", [])}
+    names = category_names(evaluator)
     precision = np.asarray(evaluation.eval["precision"])  # [T, R, K, A, M]
     recall = np.asarray(evaluation.params.recThrs).tolist()
     iou = int(np.argmin(np.abs(np.asarray(evaluation.params.iouThrs) - 0.5)))
@@ -249,7 +254,7 @@ def _draw_worst(evaluator, matches, errors, image_dir: Path, out: Path, threshol
     from ..data.images import ImageLoadError, load_image
 
     images = {int(i["id"]): i for i in evaluator.ground_truth.get("images", [])}
-    names = {int(c["id"]): str(c.get("name", c["id"])) for c in evaluator.ground_truth.get("categories", [])}
+    names = category_names(evaluator)
     by_id = {m.image_id: m for m in matches}
     out.mkdir(parents=True, exist_ok=True)
     written = []

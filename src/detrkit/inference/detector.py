@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from ..amp import amp_autocast, resolve_amp
+from ..amp import amp_autocast, outputs_to_float, resolve_amp
 from ..checkpoints.io import load_model
 from ..data.collate import pad_images
 from ..data.images import load_image, to_rgb
@@ -311,7 +311,7 @@ class Detector:
                 with amp_autocast(self.device, "none" if self.precision == "fp32" else self.precision):
                     outputs = self.model(batch.to(self.device))
                 # Post-processing (softmax, boxes in pixels, masks) in fp32 whatever the forward ran in.
-                outputs = {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+                outputs = outputs_to_float(outputs)
                 found = self._post(outputs, orig)
                 sizes = torch.tensor([list(inputs[i].shape[-2:]) for i in chunk], device=self.device)
                 if segmentation == "instance":

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert
 
 from ..errors import ConfigError, MissingExtra
 from ..fileio import atomic_write
 from ..models.detr import Detr
+from ..models.postprocess import scores_labels_boxes
 
 
 class ExportWrapper(nn.Module):
@@ -55,10 +55,7 @@ class DetectionsExport(nn.Module):
 
     def forward(self, images: Tensor, padding_mask: Tensor, orig_sizes: Tensor) -> tuple[Tensor, ...]:
         out = self.model(images, padding_mask)
-        scores, labels = out["pred_logits"].softmax(-1)[..., :-1].max(-1)
-        height, width = orig_sizes[:, 0:1].to(scores.dtype), orig_sizes[:, 1:2].to(scores.dtype)
-        scale = torch.stack([width, height, width, height], -1)  # [B, 1, 4]
-        boxes = box_convert(out["pred_boxes"], "cxcywh", "xyxy") * scale
+        scores, labels, boxes = scores_labels_boxes(out["pred_logits"], out["pred_boxes"], orig_sizes)
         scores, order = scores.sort(dim=1, descending=True)
         boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
         labels = self.category_ids[labels.gather(1, order)]

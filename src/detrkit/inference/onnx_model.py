@@ -32,13 +32,13 @@ class OnnxDetr:
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such file")
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            self.runtime = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors name no type worth keeping
             raise CheckpointError(
                 f"{self.path}: not an ONNX model onnxruntime can run ({str(e)[:200]})"
             ) from None
-        inputs = [i.name for i in self.session.get_inputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
+        inputs = [i.name for i in self.runtime.get_inputs()]
+        meta = self.runtime.get_modelmeta().custom_metadata_map
         if inputs != ["images", "padding_mask", "orig_sizes"] or "category_ids" not in meta:
             raise CheckpointError(
                 f"{self.path}: not a detrkit export with post-processing (export it again without --raw)"
@@ -66,7 +66,7 @@ class OnnxDetr:
         batch = images.detach().float().cpu().numpy()
         mask = np.zeros((batch.shape[0], *batch.shape[2:]), dtype=bool)
         sizes = orig_sizes.detach().cpu().numpy().astype(np.int64)
-        boxes, scores, labels = self.session.run(
+        boxes, scores, labels = self.runtime.run(
             None, {"images": batch, "padding_mask": mask, "orig_sizes": sizes}
         )
         to_label = np.vectorize(self._label_of.__getitem__, otypes=[np.int64])

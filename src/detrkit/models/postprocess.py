@@ -31,13 +31,21 @@ class PostProcess(nn.Module):
                 f"target_sizes must be Tensor[B, 2] of (height, width) with B={len(logits)}, "
                 f"got shape {tuple(target_sizes.shape)}"
             )
-        prob = logits.float().softmax(-1)
-        scores, labels = prob[..., :-1].max(-1)
-        xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
-        img_h, img_w = target_sizes.float().unbind(1)
-        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
-        xyxy = xyxy * scale[:, None, :]
+        scores, labels, xyxy = scores_labels_boxes(logits, boxes, target_sizes)
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, xyxy)]
+
+
+def scores_labels_boxes(logits: Tensor, boxes: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The batched core of :class:`PostProcess` (also traced into the ONNX export): per query the
+    probability ``scores`` Tensor[B, Q] of the best class other than "no object", its ``labels``
+    Int64Tensor[B, Q], and ``boxes`` Tensor[B, Q, 4] absolute xyxy in ``target_sizes`` [B, 2]
+    (height, width)."""
+    prob = logits.float().softmax(-1)
+    scores, labels = prob[..., :-1].max(-1)
+    xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
+    img_h, img_w = target_sizes.float().unbind(1)
+    scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+    return scores, labels, xyxy * scale[:, None, :]
 
 
 class PostProcessSegm(nn.Module):
