@@ -4,9 +4,12 @@ Builds a transformers ``DetrForObjectDetection`` (ResNet-50, paper sizes) with r
 saves it, loads the same file with ``detrkit.load_model``, checks the outputs agree, then times
 the forwards side by side (interleaved, after warm-up) and prints medians and ratios: detrkit as
 loaded, detrkit with its BatchNorm folded into the convolutions (what ``Detector`` runs), the same
-under bf16 autocast (``Detector(precision="bf16")``; with ``--bf16``), and transformers in fp32.
+under bf16 autocast (``Detector(precision="bf16")``; with ``--bf16``), the ONNX export run by
+onnxruntime in fp32 and quantised to int8 (``detrkit export`` / ``export --int8``; with ``--onnx``;
+the int8 file is calibrated here on random images, which sets its speed, not its accuracy: the
+AP cost of int8 is what ``detrkit export --int8 --calibrate DATA`` prints), and transformers in fp32.
 
-    python bench/forward_vs_transformers.py --size 800 1066 --batch 1 --runs 5
+    python bench/forward_vs_transformers.py --size 800 1066 --batch 1 --runs 5 --bf16 --onnx
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="also time the folded model under bf16 autocast")
+    parser.add_argument("--onnx", action="store_true", help="also time the ONNX export, fp32 and int8 (CPU)")
     args = parser.parse_args()
 
     import transformers
@@ -67,6 +71,13 @@ def main() -> None:
         with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16):
             return folded(images, padding_mask)
 
+    sessions = onnx_sessions(ours, images, padding_mask, args.threads) if args.onnx else {}
+    feed = {
+        "images": images.cpu().numpy(),
+        "padding_mask": padding_mask.cpu().numpy(),
+        "orig_sizes": torch.tensor([[h, w]] * args.batch).numpy(),
+    }
+
     def run_hf():
         return hf(pixel_values=images, pixel_mask=(~padding_mask).long())
 
@@ -91,12 +102,17 @@ def main() -> None:
             run_ours(), run_folded(), run_hf()
             if args.bf16:
                 run_bf16()
+            for session in sessions.values():
+                session.run(None, feed)
         t_ours, t_folded, t_bf16, t_hf = [], [], [], []
+        t_onnx = {name: [] for name in sessions}
         for _ in range(args.runs):  # interleaved so all see the same machine state
             t_ours.append(timed(run_ours))
             t_folded.append(timed(run_folded))
             if args.bf16:
                 t_bf16.append(timed(run_bf16))
+            for name, session in sessions.items():
+                t_onnx[name].append(timed(lambda session=session: session.run(None, feed)))
             t_hf.append(timed(run_hf))
 
     m_ours, m_folded, m_hf = statistics.median(t_ours), statistics.median(t_folded), statistics.median(t_hf)
@@ -118,8 +134,43 @@ def main() -> None:
             f"detrkit, BN folded, bf16 median {m_bf16 * 1000:8.1f} ms  "
             f"(runs: {', '.join(f'{t * 1000:.0f}' for t in t_bf16)}); {m_bf16 / m_hf:.2f}x transformers' fp32 time"
         )
+    for name, times in t_onnx.items():
+        m = statistics.median(times)
+        print(
+            f"onnxruntime {name} median {m * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in times)}); "
+            f"{m / m_hf:.2f}x transformers' fp32 time"
+        )
     print(f"transformers median {m_hf * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in t_hf)})")
     print(f"time / transformers': detrkit {m_ours / m_hf:.2f}x, detrkit BN folded {m_folded / m_hf:.2f}x")
+
+
+def onnx_sessions(model, images, padding_mask, threads: int) -> dict:
+    """onnxruntime sessions of the post-processed ONNX export of ``model``, fp32 and int8."""
+    import os
+
+    import onnxruntime
+
+    from detrkit.inference.export import export_onnx
+    from detrkit.inference.quantize import quantize_export
+
+    work = tempfile.mkdtemp(prefix="bench-onnx-")
+    fp32 = export_onnx(model, os.path.join(work, "fp32.onnx"))
+    g = torch.Generator().manual_seed(0)
+    feeds = [
+        {
+            "images": torch.randn(1, *images.shape[1:], generator=g).numpy(),
+            "padding_mask": padding_mask[:1].cpu().numpy(),
+            "orig_sizes": torch.tensor([list(images.shape[2:])]).numpy(),
+        }
+        for _ in range(4)
+    ]
+    int8 = quantize_export(fp32, os.path.join(work, "int8.onnx"), feeds)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return {
+        name: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in (("fp32", fp32), ("int8", int8))
+    }
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ from .args import (
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="COCO AP of a checkpoint on a COCO-format dataset")
-    p.add_argument("--weights", required=True, help="any checkpoint load_model reads, or an official name")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="any checkpoint load_model reads, an official name, or an ONNX export",
+    )
     p.add_argument("--data", required=True, help='dataset root, an instances JSON, or "synthetic"')
     p.add_argument("--split", default="val2017")
     add_data_format(p, "--data")
@@ -56,10 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     from torch.utils.data import DataLoader
 
-    from ..checkpoints.io import load_model
-    from ..data.coco import CocoDetection, DatasetError
+    from ..data.coco import DatasetError
     from ..data.collate import SkipTracker, collate
-    from ..data.formats import open_split
     from ..data.layout import resolve_panoptic
     from ..data.panoptic import CocoPanoptic
     from ..data.transforms import TransformConfig, eval_transforms
@@ -71,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         evaluate,
         model_category_map,
         name_clashes,
+        open_detection_split,
     )
     from ..fileio import check_output, write_json_atomic
-    from ..inference.detector import resolve_precision
+    from ..inference.detector import load_for_inference, model_precision
 
     if args.out is not None:
         # Checked before the evaluation: its results must have somewhere to go, and replace nothing
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             args.report, option="--report", kind="dir", inputs=[args.weights], overwrite=args.overwrite,
             replaceable=lambda p: not (p / "report.json").exists(),
         )  # fmt: skip
-    model = load_model(args.weights)
+    model = load_for_inference(args.weights)
     device = pick_device(args.device)
     model.to(device)
     root, split = Path(args.data), args.split
@@ -103,12 +106,9 @@ def run(args: argparse.Namespace) -> int:
         cmap = model_category_map(model.config, categories)
         dataset = CocoPanoptic(images, ann, pngs, transforms, category_map=cmap)
     else:
-        opened = open_split(root, split, "coco" if args.data == "synthetic" else args.data_format)
-        ann = opened.source
-        categories = annotation_categories(opened.annotations)
-        cmap = model_category_map(model.config, categories)
-        dataset = CocoDetection(
-            opened.images, opened.annotations, transforms, category_map=cmap, masks=model.config.masks
+        data_format = "coco" if args.data == "synthetic" else args.data_format
+        dataset, categories, cmap, ann = open_detection_split(
+            model.config, root, split, data_format, transforms, masks=model.config.masks
         )
     clashes = name_clashes(cmap, categories)
     if clashes:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         evaluator.max_dets = args.max_dets
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     skips = SkipTracker(warn=lambda msg: print(msg, file=sys.stderr))
-    precision = resolve_precision(args.precision, device)
+    precision = model_precision(model, args.precision, device)
     amp = "none" if precision == "fp32" else precision
     metrics = evaluate(model, loader, evaluator, device, skips=skips, amp=amp)
     metrics.update(per_class_ap(evaluator))  # as training logs them

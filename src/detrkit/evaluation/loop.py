@@ -44,6 +44,8 @@ def evaluate(
     Under DDP each process evaluates its own shard; shards may differ in length (or be empty),
     so nothing here is collective until the end."""
     model.eval()
+    if getattr(model, "postprocessed", False) and (criterion is not None or evaluator.iou_types != ("bbox",)):
+        raise ValueError("a post-processed (ONNX) model gives boxes only: no loss, masks or panoptic")
     postprocess = PostProcess()
     postprocess_masks = PostProcessSegm()
     panoptic = "panoptic" in evaluator.iou_types
@@ -58,6 +60,13 @@ def evaluate(
         if len(batch) == 0:
             continue
         batch = batch.to(device)
+        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        image_ids = [int(t["image_id"]) for t in batch.targets]
+        if getattr(model, "postprocessed", False):  # an ONNX export: its graph ends in PostProcess
+            evaluator.update(image_ids, model.detect(batch.images, orig_sizes, batch.padding_mask))
+            if progress is not None:
+                progress()
+            continue
         with amp_autocast(device, amp):
             outputs = model(batch.images, batch.padding_mask)
         if amp != "none":  # loss and post-processing in fp32 whatever the forward ran in
@@ -70,8 +79,6 @@ def evaluate(
             weights = criterion.weight_dict
             loss_sum += float(sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights))
             batches += 1
-        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
-        image_ids = [int(t["image_id"]) for t in batch.targets]
         if panoptic:
             sizes = torch.stack([t["size"] for t in batch.targets])
             evaluator.update(image_ids, postprocess_panoptic(outputs, sizes, orig_sizes))
@@ -153,3 +160,29 @@ def model_category_map(config: DetrConfig, dataset_categories: list[dict]) -> Ca
         f"the model predicts {config.num_classes} classes without saying which dataset ids they are, "
         f"and the dataset has {len(ids)} categories (ids {ids[:10]}...)"
     )
+
+
+def open_detection_split(
+    config: DetrConfig, root, split: str, data_format: str = "auto", transforms=None, *, masks: bool = False
+) -> tuple[CocoDetection, list[dict], CategoryMap, str]:
+    """A split of a detection dataset (any format ``open_split`` reads) in the label space of a
+    model of ``config``: the dataset, the file's categories, the model's category map, and where
+    the annotations came from."""
+    from ..data.formats import open_split
+
+    opened = open_split(root, split, data_format)
+    categories = annotation_categories(opened.annotations)
+    cmap = model_category_map(config, categories)
+    dataset = CocoDetection(opened.images, opened.annotations, transforms, category_map=cmap, masks=masks)
+    return dataset, categories, cmap, opened.source
+
+
+def box_metrics(model, dataset: CocoDetection, *, batch_size: int = 2, amp: str = "none") -> dict[str, float]:
+    """COCO box AP of ``model`` (a :class:`Detr` or an ONNX export) on ``dataset``, on the CPU."""
+    from torch.utils.data import DataLoader
+
+    from ..data.collate import collate
+
+    evaluator = CocoEvaluator(dataset.data, dataset.category_map, ("bbox",))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    return evaluate(model, loader, evaluator, torch.device("cpu"), amp=amp)

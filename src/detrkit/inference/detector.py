@@ -24,6 +24,7 @@ from ..data.collate import pad_images
 from ..data.images import load_image, to_rgb
 from ..data.transforms import TransformConfig, resized_shape
 from ..distributed import pick_device
+from ..errors import ConfigError
 from ..models.detr import Detr
 from ..models.fold import fold_batchnorm
 from ..models.panoptic import PostProcessPanoptic, semantic_segmentation
@@ -125,6 +126,30 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32" if resolved == "none" else resolved
 
 
+def model_precision(model: Any, precision: str, device: torch.device) -> str:
+    """:func:`resolve_precision` for ``model``: an ONNX export runs as it was written (``auto`` is
+    fp32 for it; anything else is refused)."""
+    if getattr(model, "postprocessed", False):
+        if precision not in ("auto", "fp32"):
+            raise ConfigError(f"precision={precision!r}: an ONNX file runs as it was exported (fp32 or int8)")
+        return "fp32"
+    return resolve_precision(precision, device)
+
+
+def load_for_inference(source: str | os.PathLike) -> Any:
+    """The model that inference (``Detector``, ``detrkit eval``, ``detrkit benchmark``) runs: an
+    ONNX export of ``detrkit export`` through onnxruntime, or anything :func:`detrkit.load_model`
+    reads with its BatchNorm folded into the convolutions (``detrkit.models.fold``; the same outputs
+    within float rounding, a faster forward)."""
+    if str(source).lower().endswith(".onnx"):
+        from .onnx_model import OnnxDetr
+
+        return OnnxDetr(source)
+    model = load_model(source).eval()
+    fold_batchnorm(model)
+    return model
+
+
 def check_probability(value: float, name: str) -> None:
     """Refuse a score threshold that is not a number in [0, 1] (NaN would keep nothing, silently)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -187,10 +212,7 @@ class Detector:
         precision: str = "fp32",
     ) -> None:  # fmt: skip
         self.device = pick_device(device)
-        onnx = getattr(model, "postprocessed", False)
-        self.precision = "fp32" if onnx and precision == "auto" else resolve_precision(precision, self.device)
-        if onnx and self.precision != "fp32":
-            raise ValueError(f"precision={precision!r}: an ONNX file runs as it was exported (fp32)")
+        self.precision = model_precision(model, precision, self.device)
         self.model = model.to(self.device).eval()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -209,15 +231,7 @@ class Detector:
     ) -> Detector:
         """Anything :func:`detrkit.load_model` reads: a file, a Hugging Face folder, an official name."""
         device = pick_device(device)  # refused before a (slow) load, not after
-        if str(source).lower().endswith(".onnx"):  # an export of `detrkit export`, run by onnxruntime
-            from .onnx_model import OnnxDetr
-
-            return cls(OnnxDetr(source), device=device, **kwargs)
-        model = load_model(source).eval()
-        # The model is the detector's own: its BatchNorm is folded into the convolutions
-        # (detrkit.models.fold; the same outputs within float rounding, a faster forward).
-        fold_batchnorm(model)
-        return cls(model, device=device, **kwargs)
+        return cls(load_for_inference(source), device=device, **kwargs)
 
     def preprocess(self, image: Image.Image) -> Tensor:
         """PIL image -> normalised Tensor[3, h, w] at the evaluation size."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, MissingExtra
 from ..fileio import atomic_write
 from ..models.detr import Detr
+from ..models.fold import fold_batchnorm
 from ..models.postprocess import scores_labels_boxes
 
 
@@ -99,8 +100,12 @@ def example_inputs(sizes=((96, 128), (80, 96)), seed: int = 0) -> tuple[Tensor, 
 
 
 def _cpu_copy(model: Detr) -> Detr:
-    """An eval-mode copy on the CPU, so that exporting leaves the caller's model (device, mode) alone."""
-    return copy.deepcopy(model).cpu().eval()
+    """An eval-mode copy on the CPU, so that exporting leaves the caller's model (device, mode)
+    alone, with its BatchNorm folded into the convolutions (one op less per convolution in the
+    graph; the same outputs within float rounding)."""
+    copied = copy.deepcopy(model).cpu().eval()
+    fold_batchnorm(copied)
+    return copied
 
 
 def export_onnx(model: Detr, path: str | os.PathLike, *, opset: int = 18, postprocess: bool = True) -> Path:

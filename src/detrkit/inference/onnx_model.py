@@ -61,10 +61,16 @@ class OnnxDetr:
     def eval(self) -> OnnxDetr:
         return self
 
-    def detect(self, images: Tensor, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """``images`` Float[B, 3, H, W] of one size (no padding), ``orig_sizes`` [B, 2] (h, w)."""
+    def detect(
+        self, images: Tensor, orig_sizes: Tensor, padding_mask: Tensor | None = None
+    ) -> list[dict[str, Tensor]]:
+        """``images`` Float[B, 3, H, W], ``orig_sizes`` Int[B, 2] (each image's original height,
+        width), ``padding_mask`` Bool[B, H, W] (True on padding; None: no padding)."""
         batch = images.detach().float().cpu().numpy()
-        mask = np.zeros((batch.shape[0], *batch.shape[2:]), dtype=bool)
+        if padding_mask is None:
+            mask = np.zeros((batch.shape[0], *batch.shape[2:]), dtype=bool)
+        else:
+            mask = padding_mask.detach().cpu().numpy().astype(bool)
         sizes = orig_sizes.detach().cpu().numpy().astype(np.int64)
         boxes, scores, labels = self.runtime.run(
             None, {"images": batch, "padding_mask": mask, "orig_sizes": sizes}
