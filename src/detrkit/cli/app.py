@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
+from .benchmark import add_parser as add_benchmark
 from .convert import add_parser as add_convert
 from .data import add_parser as add_data
 from .evaluate import add_parser as add_evaluate
@@ -28,6 +29,7 @@ PARSERS = (
     add_predict,
     add_explain,
     add_export,
+    add_benchmark,
     add_serve,
     add_plot,
     add_synth,

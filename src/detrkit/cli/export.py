@@ -118,8 +118,9 @@ def _export_int8(model, args: argparse.Namespace) -> int:
     for name, metrics in rows:
         print(f"  {name}: AP {100 * metrics['bbox/AP']:.1f}  AP50 {100 * metrics['bbox/AP50']:.1f}")
     (_, a), (_, b) = rows
-    print(
-        f"  int8 - fp32: AP {100 * (b['bbox/AP'] - a['bbox/AP']):+.1f}  "
-        f"AP50 {100 * (b['bbox/AP50'] - a['bbox/AP50']):+.1f} (points)"
-    )
+
+    def change(key: str) -> str:
+        return f"{round(100 * (b[key] - a[key]), 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+
+    print(f"  int8 - fp32: AP {change('bbox/AP')}  AP50 {change('bbox/AP50')} (points)")
     return 0

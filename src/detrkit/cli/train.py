@@ -35,7 +35,11 @@ def train_flags() -> dict[str, tuple[str, Any, str]]:
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train or fine-tune a DETR (torchrun for several processes)")
     p.add_argument("--config", help="YAML/TOML/JSON file of training options")
-    p.add_argument("--preset", help=", ".join(PRESETS))
+    p.add_argument(
+        "--preset",
+        help=", ".join(PRESETS)
+        + ", finetune (with --init-from: options sized to the data and the starting model)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --output-dir; given options override"
     )

@@ -177,12 +177,20 @@ def open_detection_split(
     return dataset, categories, cmap, opened.source
 
 
-def box_metrics(model, dataset: CocoDetection, *, batch_size: int = 2, amp: str = "none") -> dict[str, float]:
-    """COCO box AP of ``model`` (a :class:`Detr` or an ONNX export) on ``dataset``, on the CPU."""
+def box_metrics(
+    model,
+    dataset: CocoDetection,
+    *,
+    batch_size: int = 2,
+    amp: str = "none",
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """COCO box AP of ``model`` (a :class:`Detr` on ``device``, default the CPU, or an ONNX export)
+    on ``dataset``."""
     from torch.utils.data import DataLoader
 
     from ..data.collate import collate
 
     evaluator = CocoEvaluator(dataset.data, dataset.category_map, ("bbox",))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    return evaluate(model, loader, evaluator, torch.device("cpu"), amp=amp)
+    return evaluate(model, loader, evaluator, device or torch.device("cpu"), amp=amp)

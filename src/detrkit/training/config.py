@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,20 +356,31 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# Sized to the data and the starting model when a run starts (detrkit.training.finetune).
+FINETUNE = "finetune"
+
+
 def build_config(
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-        data = merge(data, PRESETS[preset])
+    """Defaults < ``preset`` < ``config_file`` < ``overrides``. The ``finetune`` preset reads the
+    training split and the ``init_from`` checkpoint and logs its choices (``log``)."""
+    if preset is not None and preset not in PRESETS and preset != FINETUNE:
+        raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join([*PRESETS, FINETUNE])}")
     chosen: dict[str, Any] = {}  # what the user chose: the config file, then the command line
     if config_file is not None:
         chosen = read_config_file(config_file)
     chosen = merge(chosen, nest(overrides or {}))
+    data: dict[str, Any] = {}
+    if preset == FINETUNE:
+        from .finetune import finetune_options
+
+        data = finetune_options(chosen, log)
+    elif preset is not None:
+        data = merge(data, PRESETS[preset])
     data = merge(data, chosen)
     # A preset's training aids are for detection: a mask or panoptic run of the preset trains
     # without them (an explicit query_groups/denoising_groups with masks is still refused, by validate).

@@ -1,4 +1,5 @@
-"""int8 export for CPUs (``detrkit export --int8 --calibrate``) and the evaluation of ONNX files.
+"""Deployment paths: int8 export for CPUs (``detrkit export --int8 --calibrate``), the evaluation
+of ONNX files, and ``detrkit benchmark``.
 
 A small DETR learns the synthetic training images (so that AP means something), is exported in
 fp32 and in int8, and both files are evaluated through the same loop as the PyTorch model.
@@ -6,7 +7,9 @@ fp32 and in int8, and both files are evaluated through the same loop as the PyTo
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import numpy as np
 import onnx
@@ -20,6 +23,7 @@ from detrkit.cli import main
 from detrkit.data import CocoDetection, TransformConfig, collate, eval_transforms
 from detrkit.evaluation.coco import CocoEvaluator
 from detrkit.evaluation.loop import box_metrics, evaluate, open_detection_split
+from detrkit.inference.benchmark import InferencePath, percentile, time_paths
 from detrkit.inference.export import example_inputs, export_onnx
 from detrkit.inference.onnx_model import OnnxDetr
 
@@ -181,3 +185,67 @@ def test_int8_export_refusals_write_nothing(trained, data_root, tmp_path, capsys
 def test_an_onnx_file_runs_in_its_own_precision(fp32_file, data_root, capsys):
     code = main(["eval", "--weights", str(fp32_file), "--data", str(data_root), "--precision", "bf16"])
     assert code == 2 and "runs as it was exported" in capsys.readouterr().err
+
+
+def test_percentile_is_numpys():
+    values = [5.0, 1.0, 9.0, 3.0, 7.5, 2.0, 8.0]
+    for q in (0.0, 0.5, 0.9, 1.0):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
+
+
+def test_paths_are_timed_interleaved_after_their_warm_up():
+    calls = []
+
+    def path(name):
+        def run(*inputs):
+            calls.append(name)
+            time.sleep(0.002 * (1 + len(calls) % 3))  # runs of different lengths
+
+        return InferencePath(name, "fp32", run, model=None)
+
+    rows = time_paths([path("a"), path("b")], 2, 32, 48, torch.device("cpu"), runs=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert [(r.backend, r.batch, r.height, r.width, len(r.runs_ms)) for r in rows] == [
+        ("a", 2, 32, 48, 3),
+        ("b", 2, 32, 48, 3),
+    ]
+    for r in rows:
+        assert r.median_ms == pytest.approx(float(np.median(r.runs_ms)), abs=0.001)
+        assert r.p90_ms == pytest.approx(float(np.percentile(r.runs_ms, 90)), abs=0.001)
+        assert r.images_per_s == pytest.approx(2000 / r.median_ms, rel=1e-3)
+
+
+def test_benchmark_times_every_path_and_measures_each_ones_ap(trained, data_root, capsys):
+    weights, model, dataset = trained
+    args = ["benchmark", "--weights", str(weights), "--data", str(data_root), "--split", "train2017",
+            "--calibration-images", "3", "--batch", "1", "2", "--size", "64x96", "--runs", "3", "--warmup", "1"]  # fmt: skip
+    assert main([*args, "--precision", "fp32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calibration"] == "3 images of train2017"
+    rows = result["rows"]
+    assert [(r["backend"], r["precision"], r["batch"]) for r in rows] == [
+        (backend, precision, batch)
+        for batch in (1, 2)
+        for backend, precision in (("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+    ]
+    assert all((r["height"], r["width"]) == (64, 96) for r in rows)
+    for r in rows:
+        assert min(r["runs_ms"]) <= r["median_ms"] <= r["p90_ms"] <= max(r["runs_ms"])
+    # Each path's AP is the evaluation's: the PyTorch model's, its fp32 export's, int8 close to them.
+    expected = box_metrics(model, dataset)
+    ap = {(r["backend"], r["precision"]): (r["AP"], r["AP50"]) for r in rows}
+    assert ap["pytorch", "fp32"] == pytest.approx((expected["bbox/AP"], expected["bbox/AP50"]), abs=1e-6)
+    assert ap["onnxruntime", "fp32"] == pytest.approx(ap["pytorch", "fp32"], abs=1e-3)
+    assert ap["onnxruntime", "int8"][1] == pytest.approx(expected["bbox/AP50"], abs=0.05)
+
+
+def test_benchmark_of_an_onnx_file_and_its_table(fp32_file, capsys):
+    args = ["benchmark", "--weights", str(fp32_file), "--runs", "3", "--warmup", "1"]
+    assert main(args) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("machine: ") and "threads" in table[0]
+    # The file runs as it is: one path, at the model's own input size (scale 0.12: 96 x 128).
+    assert [line.split()[:4] for line in table[3:]] == [["onnxruntime", "fp32", "1", "96x128"]]
+    with pytest.raises(SystemExit):
+        main([*args, "--size", "20x400"])
+    assert "expected HEIGHTxWIDTH, each at least 32" in capsys.readouterr().err
