@@ -113,3 +113,21 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         pytest.fail(f"{module} is a test dependency (pip install -e '.[test]'): {e}", pytrace=False)
+
+
+def fit_batch(model: torch.nn.Module, batch, steps: int, *, clip: float | None = None) -> dict:
+    """Train ``model`` on one batch (AdamW, lr 1e-3) for ``steps`` steps, so that it learns those
+    images; returns the last step's losses. The model is left in eval mode."""
+    criterion = detrkit.build_criterion(model.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(steps):
+        losses = criterion(model(batch.images, batch.padding_mask), batch.targets)
+        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+        optimizer.zero_grad()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+    model.eval()
+    return losses

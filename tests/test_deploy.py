@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import detrkit
-from conftest import tiny_config
+from conftest import fit_batch, tiny_config
 from detrkit.cli import main
 from detrkit.data import CocoDetection, TransformConfig, collate, eval_transforms
 from detrkit.evaluation.coco import CocoEvaluator
@@ -48,17 +48,7 @@ def trained(data_root, tmp_path_factory):
     )
     model = detrkit.build_model(config)
     dataset: CocoDetection = open_detection_split(config, data_root, "train2017", "auto", transforms)[0]
-    criterion = detrkit.build_criterion(model.config)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(80):
-        losses = criterion(model(batch.images, batch.padding_mask), batch.targets)
-        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit_batch(model, collate([dataset[i] for i in range(len(dataset))]), 80)
     path = tmp_path_factory.mktemp("int8") / "model.safetensors"
     detrkit.save_model(model, path)
     return path, model, dataset

@@ -13,7 +13,6 @@ from detrkit.errors import ConfigError
 from detrkit.training.config import build_config
 from detrkit.training.finetune import DataStats, recipe
 from detrkit.training.run_dir import BEST
-from detrkit.training.trainer import Trainer
 
 
 def chosen(images: int) -> dict:

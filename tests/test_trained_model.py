@@ -13,7 +13,7 @@ import torch
 from torchvision.ops import box_iou
 
 import detrkit
-from conftest import tiny_config
+from conftest import fit_batch, tiny_config
 from detrkit.data import CocoPanoptic, SynthConfig, TransformConfig, collate, eval_transforms, make_synthetic
 
 SCALE = 0.2
@@ -48,19 +48,9 @@ def trained():
         extra={"image_scale": SCALE},
     )
     model = detrkit.build_model(config)
-    criterion = detrkit.build_criterion(model.config)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(150):
-        losses = criterion(model(batch.images, batch.padding_mask), batch.targets)
-        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    losses = fit_batch(model, collate([dataset[i] for i in range(len(dataset))]), 150, clip=1.0)
     assert losses["loss_bbox"] < 0.1 and losses["loss_ce"] < 0.1, losses
-    return detrkit.Detector(model.eval(), device="cpu"), data
+    return detrkit.Detector(model, device="cpu"), data
 
 
 def _ground_truth(data, file_name):
