@@ -84,6 +84,12 @@ def main() -> None:
         default=800,
         help="backbone pretraining steps of the start weights",
     )
+    parser.add_argument(
+        "--keep-transformers",
+        action="store_true",
+        help="reuse the transformers side of an earlier OUT/comparison.json (same data and start): "
+        "to measure a change of detrkit's recipe alone",
+    )
     parser.add_argument("--evals", type=int, default=8, help="evaluations per side (about)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
@@ -111,7 +117,9 @@ def main() -> None:
         "images": args.images,
         "val_images": args.val_images,
         "start": str(start),
-        "transformers": run_transformers(start, data, out / "transformers", args),
+        "transformers": earlier_transformers(out)
+        if args.keep_transformers
+        else run_transformers(start, data, out / "transformers", args),
         "transformers_recipe": GUIDE,
     }
     # detrkit evaluates every N epochs: N from the guide's epochs in the budget, for about --evals points.
@@ -120,6 +128,14 @@ def main() -> None:
     write_json_atomic(out / "comparison.json", results)
     print(table(results))
     plot(results, out / "comparison.png")
+
+
+def earlier_transformers(out: Path) -> list[dict]:
+    """The transformers side of the comparison already in ``out``."""
+    previous = out / "comparison.json"
+    if not previous.exists():
+        raise SystemExit(f"--keep-transformers: no {previous} to take the transformers side from")
+    return json.loads(previous.read_text())["transformers"]
 
 
 def make_start(folder: Path, minutes: float, pretrain_steps: int) -> Path:

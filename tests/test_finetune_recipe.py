@@ -25,8 +25,8 @@ def test_the_recipe_sizes_itself_to_the_data():
     assert (few["epochs"], some["epochs"], many["epochs"]) == (300, 38, 12)
     assert chosen(30)["epochs"] == 300 and chosen(100_000)["epochs"] == 12
     # Too few images to retrain the backbone: frozen below 200, a tenth of the rate above.
-    assert few["freeze_backbone"] and not some["freeze_backbone"] and "lr_backbone" not in few
-    assert some["lr_backbone"] == pytest.approx(some["lr"] / 10)
+    assert few["freeze_backbone"] and not some["freeze_backbone"] and not many["freeze_backbone"]
+    assert "lr_backbone" not in few and some["lr_backbone"] == pytest.approx(some["lr"] / 10)
     assert (chosen(199)["freeze_backbone"], chosen(200)["freeze_backbone"]) == (True, False)
     assert (few["query_groups"], many["query_groups"]) == (4, 1)
     assert (chosen(499)["augment"], chosen(500)["augment"]) == ("strong", "paper")
