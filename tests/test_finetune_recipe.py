@@ -3,6 +3,8 @@ reasons, overridable; a fine-tuned model keeps the new data's classes through sa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,7 +62,10 @@ def test_the_recipe_is_printed_and_every_choice_can_be_overridden(start, data_ro
     )
     assert config.image_scale == 0.12 and config.init_from == str(start)
     block = lines[0]
-    assert block.startswith("fine-tuning recipe for 8 training images, ") and str(start) in block
+    annotations = json.loads((data_root / "annotations" / "instances_train2017.json").read_text())
+    objects = sum(1 for a in annotations["annotations"] if not a.get("iscrowd"))
+    assert block.startswith(f"fine-tuning recipe for 8 training images, {objects} objects, from {start}:")
+    assert block.endswith("(each is a training option: a flag, --set or a config file overrides it)")
     assert "epochs             7        (yours; the recipe's: 300" in block
     assert "freeze_backbone    True     8 images: too few to retrain the backbone" in block
     # A config file or --set overrides as a flag does; no init_from is refused.
@@ -69,6 +74,23 @@ def test_the_recipe_is_printed_and_every_choice_can_be_overridden(start, data_ro
         build_config("finetune", overrides={"data": str(data_root)})
     with pytest.raises(ConfigError, match="unknown preset 'finetuned'.*finetune"):
         build_config("finetuned", overrides=overrides)
+    # A training split without images has nothing to size a recipe to.
+    empty = tmp_path / "empty"
+    (empty / "annotations").mkdir(parents=True)
+    (empty / "train2017").mkdir()
+    (empty / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": annotations["categories"]})
+    )
+    with pytest.raises(ConfigError, match="has no image"):
+        build_config("finetune", overrides={**overrides, "data": str(empty)})
+
+
+def test_the_reasons_follow_the_choices():
+    few = {c.option: c.why for c in recipe(DataStats(50, 150), image_scale=None)}
+    many = {c.option: c.why for c in recipe(DataStats(5000, 15000), image_scale=None)}
+    assert "Group DETR" in few["query_groups"] and "without query groups" in many["query_groups"]
+    assert "colour jitter" in few["augment"] and many["augment"] == "the paper's flips, resizes and crops"
+    assert "too few to retrain" in few["freeze_backbone"] and "enough to adapt" in many["freeze_backbone"]
 
 
 def test_a_fine_tuned_model_keeps_the_new_classes_through_save_load_and_eval(
