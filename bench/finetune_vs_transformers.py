@@ -185,6 +185,7 @@ def run_detrkit(start: Path, data: Path, run: Path, args, epochs_per_eval: int) 
 def run_transformers(start: Path, data: Path, folder: Path, args) -> list[dict]:
     """The guide's recipe on the same data for --minutes of training (evaluation excluded)."""
     import transformers
+    from torchvision import tv_tensors
     from torchvision.transforms import v2
 
     from detrkit.models.postprocess import PostProcess
@@ -220,8 +221,6 @@ def run_transformers(start: Path, data: Path, folder: Path, args) -> list[dict]:
                 a for a in train.data["annotations"] if a["image_id"] == image_id and not a.get("iscrowd")
             ]
             boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-            from torchvision import tv_tensors
-
             xyxy = tv_tensors.BoundingBoxes(
                 torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1),
                 format="XYXY",

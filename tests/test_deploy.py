@@ -239,3 +239,10 @@ def test_benchmark_of_an_onnx_file_and_its_table(fp32_file, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--size", "20x400"])
     assert "expected HEIGHTxWIDTH, each at least 32" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_a_bad_split_before_any_slow_work(trained, data_root, capsys):
+    args = ["benchmark", "--weights", str(trained[0]), "--data", str(data_root), "--split", "test"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "test" in err.splitlines()[-1] and "exporting" not in err and "timing" not in err, err

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     root, split = Path(args.data), args.split
     if args.data == "synthetic":
         root, split = _synthetic_split(model.config, Path(args.out or args.report or "runs/eval"), args.split)
-    scale = args.image_scale or float(model.config.extra.get("image_scale", 1.0))
+    scale = args.image_scale or model.config.image_scale
     transforms = eval_transforms(TransformConfig.scaled(scale))
     if args.panoptic:
         if not model.config.masks:

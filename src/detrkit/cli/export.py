@@ -82,21 +82,19 @@ def _export_int8(model, args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ..data.transforms import TransformConfig, eval_transforms
     from ..evaluation.loop import box_metrics, open_detection_split
     from ..inference.export import export_onnx
     from ..inference.onnx_model import OnnxDetr
     from ..inference.quantize import calibration_feeds, quantize_export
 
-    transforms = eval_transforms(TransformConfig.scaled(float(model.config.extra.get("image_scale", 1.0))))
     # Both splits are opened before the (slow) export: a bad dataset is refused with nothing written.
     calibration, *_ = open_detection_split(
-        model.config, args.calibrate, args.calibration_split, args.data_format, transforms
+        model.config, args.calibrate, args.calibration_split, args.data_format
     )
     held_out = None
     if args.eval_split.lower() != "none":
         held_out, *_, source = open_detection_split(
-            model.config, args.calibrate, args.eval_split, args.data_format, transforms
+            model.config, args.calibrate, args.eval_split, args.data_format
         )
     with tempfile.TemporaryDirectory(prefix="detrkit-export-") as work:
         fp32 = export_onnx(model, Path(work) / "fp32.onnx", opset=args.opset)

@@ -116,7 +116,7 @@ def _check_xyxy(boxes: np.ndarray, sizes: np.ndarray, report: CheckReport) -> No
 
 def _check_scale(boxes, sizes, images: list[dict], config: DetrConfig, report: CheckReport) -> None:
     """Objects and images against the model's input size (``eval_size`` x its ``image_scale``)."""
-    scale = float(config.extra.get("image_scale", 1.0))
+    scale = config.image_scale
     transforms = TransformConfig.scaled(scale)
     stride = stride_of(config)
     if len(boxes):

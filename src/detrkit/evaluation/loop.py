@@ -166,10 +166,13 @@ def open_detection_split(
     config: DetrConfig, root, split: str, data_format: str = "auto", transforms=None, *, masks: bool = False
 ) -> tuple[CocoDetection, list[dict], CategoryMap, str]:
     """A split of a detection dataset (any format ``open_split`` reads) in the label space of a
-    model of ``config``: the dataset, the file's categories, the model's category map, and where
-    the annotations came from."""
+    model of ``config``, with ``transforms`` (default: the model's evaluation resize): the dataset,
+    the file's categories, the model's category map, and where the annotations came from."""
     from ..data.formats import open_split
+    from ..data.transforms import TransformConfig, eval_transforms
 
+    if transforms is None:
+        transforms = eval_transforms(TransformConfig.scaled(config.image_scale))
     opened = open_split(root, split, data_format)
     categories = annotation_categories(opened.annotations)
     cmap = model_category_map(config, categories)

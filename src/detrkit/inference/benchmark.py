@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..amp import amp_autocast
+from ..amp import amp_autocast, outputs_to_float
 from ..errors import ConfigError
 from ..models.postprocess import PostProcess
 from .detector import load_for_inference, model_precision
@@ -75,8 +75,7 @@ def pytorch_path(model, precision: str, device: torch.device) -> InferencePath:
     def run(images, padding_mask, orig_sizes):
         with amp_autocast(device, amp):
             outputs = model(images, padding_mask)
-        outputs = {k: v.float() for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
-        detections = postprocess(outputs, orig_sizes)
+        detections = postprocess(outputs_to_float(outputs), orig_sizes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return detections
@@ -102,9 +101,9 @@ def default_precisions(device: torch.device) -> list[str]:
     return list(dict.fromkeys(picked))
 
 
-def batch_of(batch: int, height: int, width: int, device: torch.device, seed: int = 0):
+def batch_of(batch: int, height: int, width: int, device: torch.device):
     """A batch of normalised noise images of one size (no padding) and their original sizes."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, height, width, generator=g).to(device)
     mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     sizes = torch.tensor([[height, width]] * batch, device=device)
@@ -168,12 +167,16 @@ def model_size(config) -> tuple[int, int]:
     """The (height, width) a 4:3 image has after the model's evaluation resize."""
     from ..data.transforms import TransformConfig
 
-    sizes = TransformConfig.scaled(float(config.extra.get("image_scale", 1.0)))
+    sizes = TransformConfig.scaled(config.image_scale)
     return sizes.eval_size, min(round(sizes.eval_size * 4 / 3), sizes.max_size)
 
 
 def build_paths(spec: BenchmarkSpec, device: torch.device, work: Path, log: Callable[[str], None]):
-    """The paths to time (and what int8's calibration read), from the weights and the spec."""
+    """The paths to time, from the weights and the spec: ``(config, paths, calibration, held_out)``
+    where ``calibration`` says what int8 was calibrated on and ``held_out`` is the dataset of the
+    APs (None without ``--data``). The data is opened before any slow work, so that a bad dataset
+    is refused at once."""
+    from ..evaluation.loop import open_detection_split
     from ..inference.onnx_model import OnnxDetr
 
     unknown = [b for b in spec.backends if b not in BACKENDS]
@@ -182,9 +185,16 @@ def build_paths(spec: BenchmarkSpec, device: torch.device, work: Path, log: Call
             f"--backends: unknown {', '.join(unknown)} (expected some of {', '.join(BACKENDS)})"
         )
     model = load_for_inference(spec.weights)
+    held_out = calibration = None
+    if spec.data is not None:
+        held_out, *_ = open_detection_split(model.config, spec.data, spec.split, spec.data_format)
     if getattr(model, "postprocessed", False):  # an ONNX file runs as it is
         quantized = "quantization" in model.runtime.get_modelmeta().custom_metadata_map
-        return model.config, [onnx_path(model, "int8" if quantized else "fp32")], None
+        return model.config, [onnx_path(model, "int8" if quantized else "fp32")], None, held_out
+    if spec.data is not None and "int8" in spec.backends:
+        calibration, *_ = open_detection_split(
+            model.config, spec.data, spec.calibration_split, spec.data_format
+        )
     model.to(device)
     paths = []
     if "pytorch" in spec.backends:
@@ -201,36 +211,21 @@ def build_paths(spec: BenchmarkSpec, device: torch.device, work: Path, log: Call
         if "onnx" in spec.backends:
             paths.append(onnx_path(OnnxDetr(fp32), "fp32"))
         if "int8" in spec.backends:
-            int8, calibrated = _int8(model, fp32, spec, work, log)
+            int8, calibrated = _int8(model.config, fp32, calibration, spec, work, log)
             paths.append(onnx_path(OnnxDetr(int8), "int8"))
-    return model.config, paths, calibrated
+    return model.config, paths, calibrated, held_out
 
 
-def _int8(model, fp32: Path, spec: BenchmarkSpec, work: Path, log) -> tuple[Path, str]:
-    """The int8 file: calibrated on the dataset's images with --data, else on noise (which sets its
-    speed, not its accuracy)."""
-    from .quantize import calibration_feeds, quantize_export
+def _int8(config, fp32: Path, calibration, spec: BenchmarkSpec, work: Path, log) -> tuple[Path, str]:
+    """The int8 file: calibrated on the ``calibration`` dataset's images, else (None) on noise
+    (which sets its speed, not its accuracy)."""
+    from .quantize import calibration_feeds, noise_feeds, quantize_export
 
-    if spec.data is not None:
-        from ..data.transforms import TransformConfig, eval_transforms
-        from ..evaluation.loop import open_detection_split
-
-        transforms = eval_transforms(
-            TransformConfig.scaled(float(model.config.extra.get("image_scale", 1.0)))
-        )
-        dataset, *_ = open_detection_split(
-            model.config, spec.data, spec.calibration_split, spec.data_format, transforms
-        )
-        feeds = calibration_feeds(dataset, spec.calibration_images)
-        what = f"{min(spec.calibration_images, len(dataset))} images of {spec.calibration_split}"
+    if calibration is not None:
+        feeds = calibration_feeds(calibration, spec.calibration_images)
+        what = f"{min(spec.calibration_images, len(calibration))} images of {spec.calibration_split}"
     else:
-        height, width = model_size(model.config)
-        feeds = []
-        for seed in range(4):
-            images, mask, sizes = batch_of(1, height, width, torch.device("cpu"), seed)
-            feeds.append(
-                {"images": images.numpy(), "padding_mask": mask.numpy(), "orig_sizes": sizes.numpy()}
-            )
+        feeds = noise_feeds(*model_size(config))
         what = "noise (timing only: give --data to calibrate on images and measure its AP)"
     log(f"quantising to int8, calibrated on {what} ...")
     return quantize_export(fp32, work / "int8.onnx", feeds), what
@@ -244,15 +239,15 @@ def run_benchmark(spec: BenchmarkSpec, log: Callable[[str], None] = print) -> di
 
     device = pick_device(spec.device)
     with tempfile.TemporaryDirectory(prefix="detrkit-benchmark-") as work:
-        config, paths, calibrated = build_paths(spec, device, Path(work), log)
+        config, paths, calibrated, held_out = build_paths(spec, device, Path(work), log)
         sizes = list(spec.sizes or [model_size(config)])
         rows: list[Measurement] = []
         for batch in spec.batches:
             for height, width in sizes:
                 log(f"timing batch {batch} at {height}x{width} ...")
                 rows.extend(time_paths(paths, batch, height, width, device, spec.runs, spec.warmup))
-        if spec.data is not None:
-            _add_ap(rows, paths, config, spec, device, log)
+        if held_out is not None:
+            _add_ap(rows, paths, held_out, spec.split, device, log)
     return {
         "machine": describe(),
         "device": str(device),
@@ -262,15 +257,12 @@ def run_benchmark(spec: BenchmarkSpec, log: Callable[[str], None] = print) -> di
     }
 
 
-def _add_ap(rows, paths, config, spec: BenchmarkSpec, device, log) -> None:
-    """Box AP of each path on ``spec.split`` of ``spec.data`` (the same for all its rows)."""
-    from ..data.transforms import TransformConfig, eval_transforms
-    from ..evaluation.loop import box_metrics, open_detection_split
+def _add_ap(rows, paths, dataset, split: str, device, log) -> None:
+    """Box AP of each path on ``dataset`` (the same for all its rows)."""
+    from ..evaluation.loop import box_metrics
 
-    transforms = eval_transforms(TransformConfig.scaled(float(config.extra.get("image_scale", 1.0))))
-    dataset, *_ = open_detection_split(config, spec.data, spec.split, spec.data_format, transforms)
     for path in paths:
-        log(f"box AP of {path.backend} {path.precision} on {len(dataset)} images of {spec.split} ...")
+        log(f"box AP of {path.backend} {path.precision} on {len(dataset)} images of {split} ...")
         metrics = box_metrics(path.model, dataset, amp=path.amp, device=device)
         for row in rows:
             if (row.backend, row.precision) == (path.backend, path.precision):

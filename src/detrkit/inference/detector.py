@@ -218,7 +218,7 @@ class Detector:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
         self.batch_size = batch_size
         config = model.config
-        self.sizes = TransformConfig.scaled(float(config.extra.get("image_scale", 1.0)))
+        self.sizes = TransformConfig.scaled(config.image_scale)
         self.category_ids = config.label_ids
         self.class_names = config.class_names or tuple(str(i) for i in self.category_ids)
         self._post = PostProcess()

@@ -71,12 +71,12 @@ def export_metadata(model: Detr) -> dict[str, str]:
     from ..data.transforms import TransformConfig
 
     config = model.config
-    sizes = TransformConfig.scaled(float(config.extra.get("image_scale", 1.0)))
+    sizes = TransformConfig.scaled(config.image_scale)
     return {
         "detrkit_version": __version__,
         "class_names": json.dumps(list(config.class_names or [str(i) for i in config.label_ids])),
         "category_ids": json.dumps(list(config.label_ids)),
-        "image_scale": str(float(config.extra.get("image_scale", 1.0))),
+        "image_scale": str(config.image_scale),
         "eval_size": str(sizes.eval_size),
         "max_size": str(sizes.max_size),
         "mean": json.dumps(list(sizes.mean)),

@@ -45,6 +45,20 @@ def calibration_feeds(dataset, count: int) -> Iterator[dict[str, np.ndarray]]:
         }
 
 
+def noise_feeds(height: int, width: int, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """onnxruntime feeds of ``count`` normalised noise images of one size: a calibration that sets
+    an int8 file's speed (its graph) but not its accuracy, for timing only."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "images": rng.standard_normal((1, 3, height, width), dtype=np.float32),
+            "padding_mask": np.zeros((1, height, width), dtype=bool),
+            "orig_sizes": np.array([[height, width]], dtype=np.int64),
+        }
+        for _ in range(count)
+    ]
+
+
 def quantize_export(
     fp32_path: str | os.PathLike, path: str | os.PathLike, feeds: Iterable[dict[str, np.ndarray]]
 ) -> Path:

@@ -279,6 +279,12 @@ class DetrConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def image_scale(self) -> float:
+        """The scale of the paper's image sizes the model was trained at (``extra["image_scale"]``;
+        1.0, the paper's, where the checkpoint does not say): what evaluation resizes to."""
+        return float(self.extra.get("image_scale", 1.0))
+
+    @property
     def label_ids(self) -> tuple[int, ...]:
         """The dataset category id of each contiguous label (the label itself without ``category_ids``)."""
         return self.category_ids if self.category_ids is not None else tuple(range(self.num_classes))
