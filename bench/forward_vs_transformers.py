@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from _machine import describe
+from _machine import add_malloc_option, apply_malloc, describe
 
 import detrkit
 
@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="also time the folded model under bf16 autocast")
     parser.add_argument("--onnx", action="store_true", help="also time the ONNX export, fp32 and int8 (CPU)")
+    add_malloc_option(parser)
     args = parser.parse_args()
+    malloc = apply_malloc(args.malloc)
 
     import transformers
 
@@ -116,7 +118,7 @@ def main() -> None:
             t_hf.append(timed(run_hf))
 
     m_ours, m_folded, m_hf = statistics.median(t_ours), statistics.median(t_folded), statistics.median(t_hf)
-    print(f"machine: {describe(args.threads)}, device {args.device}")
+    print(f"machine: {describe(args.threads)}, device {args.device}, {malloc}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
     )

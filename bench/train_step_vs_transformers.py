@@ -30,7 +30,7 @@ import tempfile
 import time
 
 import torch
-from _machine import describe
+from _machine import add_malloc_option, apply_malloc, describe
 from torch import nn
 
 import detrkit
@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast for both")
+    add_malloc_option(parser)
     args = parser.parse_args()
+    malloc = apply_malloc(args.malloc)
 
     import transformers
 
@@ -149,7 +151,7 @@ def main() -> None:
         t_hf_orig.append(timed(step_hf_orig))
 
     m_ours, m_hf, m_hf_orig = statistics.median(t_ours), statistics.median(t_hf), statistics.median(t_hf_orig)
-    print(f"machine: {describe(args.threads)}, device {args.device}")
+    print(f"machine: {describe(args.threads)}, device {args.device}, {malloc}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, detrkit {detrkit.__version__}"
     )

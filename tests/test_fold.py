@@ -71,3 +71,59 @@ def test_a_convolution_with_a_bias_folds_exactly():
         expected = norm(conv(x))
         fold_conv_norm(conv, norm)
         torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_absorbed_frozen_norms_train_as_torchvisions_conv_then_norm(backbone):
+    """The training backbone (each conv applying its frozen norm through its weights) against
+    torchvision's own ResNet with FrozenBatchNorm2d layers: same state-dict keys, same outputs and
+    same gradients of every trainable weight."""
+    import torchvision
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detrkit.models.backbone import Backbone
+    from detrkit.models.fold import ConvWithFrozenNorm
+
+    torch.manual_seed(0)
+    ours = Backbone(backbone, return_interm_layers=True).train()
+    assert sum(isinstance(m, ConvWithFrozenNorm) for m in ours.modules()) > 0
+    resnet = getattr(torchvision.models, backbone)(norm_layer=FrozenBatchNorm2d)
+    reference = IntermediateLayerGetter(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}).train()
+    randomize_buffers(ours.body)
+    assert ours.body.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(ours.body.state_dict())
+    for name, parameter in reference.named_parameters():
+        parameter.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
+
+    images = torch.randn(2, 3, 64, 96)
+    features = [f for f, _ in ours(images, None)]
+    expected = list(reference(images).values())
+    for actual, wanted in zip(features, expected, strict=True):  # relative to their size: the
+        assert (actual - wanted).norm() <= 1e-5 * wanted.norm()  # activations grow through 50 layers
+    weights = [torch.randn_like(f) for f in expected]
+    sum((f * w).sum() for f, w in zip(features, weights)).backward()
+    sum((f * w).sum() for f, w in zip(expected, weights)).backward()
+    theirs = dict(reference.named_parameters())
+    for name, parameter in ours.body.named_parameters():
+        if parameter.requires_grad:
+            wanted = theirs[name].grad  # sums over many products: compare relative to its size
+            assert (parameter.grad - wanted).norm() <= 1e-5 * wanted.norm(), name
+
+
+def test_absorbed_norms_follow_loaded_buffers_and_copies():
+    """The norm a convolution applies is the registered one: loading a state dict or deep-copying
+    (EMA) changes what it computes."""
+    from detrkit.models.backbone import Backbone
+
+    torch.manual_seed(0)
+    model = Backbone("resnet18").eval()
+    images = torch.randn(1, 3, 64, 64)
+    before = model(images, None)[0][0]
+    copied = copy.deepcopy(model)
+    state = model.state_dict()
+    state["body.bn1.weight"] = state["body.bn1.weight"] * 2
+    copied.load_state_dict(state)
+    assert copied.body.conv1.frozen_norm is copied.body.bn1
+    assert not torch.allclose(copied(images, None)[0][0], before)
+    torch.testing.assert_close(model(images, None)[0][0], before)  # the original is untouched

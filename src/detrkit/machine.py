@@ -31,3 +31,37 @@ def describe(threads: int | None = None) -> str:
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     return text
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc serves every allocation above 128 KiB-32 MiB with a fresh ``mmap`` and unmaps
+    it on free, so each new feature map of a CPU forward or backward is first zero-filled page by
+    page by the kernel. DETR's CPU training step at 800x1066 spends about a sixth of its time there
+    (``bench/train_step_vs_transformers.py --allocator``). With mmap off and the trim threshold at
+    1 GiB, freed blocks stay in the heap and are reused, as jemalloc or tcmalloc (the allocators
+    PyTorch's CPU tuning guide recommends) would do; the process keeps its peak memory reserved.
+
+    Process-wide and idempotent; the ``detrkit`` command calls it unless the environment sets
+    ``DETRKIT_MALLOC=system``. Returns False where malloc is not glibc's (macOS, Windows, musl),
+    which is then left as it is.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # glibc only: musl has mallopt as a no-op stub
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))

@@ -4,6 +4,7 @@ place where a user error becomes a one-line message and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -78,6 +79,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``detrkit ARGV``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if os.environ.get("DETRKIT_MALLOC", "") != "system":
+        from ..machine import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return args.run(args)
     except user_errors() as e:

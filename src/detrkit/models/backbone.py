@@ -15,6 +15,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..errors import ConfigError
 from .config import DetrConfig
 from .feature_maps import with_masks
+from .fold import absorb_frozen_norms
 
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights",
@@ -78,6 +79,8 @@ class Backbone(nn.Module):
         # NHWC convolutions are markedly faster with oneDNN on CPU and with tensor cores on GPU
         # (bench/forward_vs_transformers.py); load_state_dict keeps this layout.
         self.body.to(memory_format=torch.channels_last)
+        if frozen_bn:  # each convolution applies its frozen norm through its weights (models/fold.py)
+            absorb_frozen_norms(self.body)
         expansion = 1 if name in ("resnet18", "resnet34") else 4
         all_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion][:last_stage]
         self.channels = all_channels if return_interm_layers else all_channels[-1:]

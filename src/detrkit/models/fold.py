@@ -10,6 +10,13 @@ unfolded model within float rounding.
 Only the pairs whose order is known are folded: in the torchvision ResNet of detrkit's backbone,
 ``convN`` is followed by ``bnN`` (stem, bottleneck and basic blocks) and a ``downsample``
 Sequential holds ``[conv, bn]``. A folded model is for inference: its BatchNorm layers are gone.
+
+While training, a *frozen* BatchNorm (DETR's) is a fixed affine map too, but the convolution's
+weights before it still learn. :func:`absorb_frozen_norms` makes each such convolution apply its
+norm through its weights on every call (``conv(x, W * s, b * s + t)``: the same outputs and
+gradients within float rounding, for a multiply over the small weight tensor instead of a pass
+over the feature map forward and another backward); parameters, buffers and state-dict keys stay
+as they are, so checkpoints, EMA and DDP see the same model.
 """
 
 from __future__ import annotations
@@ -45,6 +52,50 @@ def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias.copy_(new_bias)
 
 
+class ConvWithFrozenNorm(nn.Conv2d):
+    """A convolution followed by the frozen BatchNorm ``frozen_norm`` (kept registered where it was,
+    in the parent module, and made an identity there), computed as one convolution."""
+
+    frozen_norm: FrozenBatchNorm2d
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        scale, shift = _affine(self.frozen_norm)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(input, self.weight * scale.view(-1, 1, 1, 1), bias)
+
+
+class AbsorbedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm whose convolution applies it (:class:`ConvWithFrozenNorm`): an identity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def absorb_frozen_norms(module: nn.Module) -> int:
+    """Make every (conv, FrozenBatchNorm2d) pair of ``module`` (as :func:`fold_batchnorm` finds them)
+    one convolution, in place, for training and inference alike; returns how many. Trainable
+    BatchNorm is left alone (in training mode it normalises by batch statistics)."""
+    absorbed = 0
+    for parent in list(module.modules()):
+        for conv_name, norm_name in _pairs(parent):
+            conv, norm = parent._modules[conv_name], parent._modules[norm_name]
+            if type(conv) is not nn.Conv2d or type(norm) is not FrozenBatchNorm2d:
+                continue
+            conv.__class__ = ConvWithFrozenNorm
+            norm.__class__ = AbsorbedFrozenBatchNorm2d
+            # Not a submodule (its state stays under the parent's name): a plain attribute.
+            conv.__dict__["frozen_norm"] = norm
+            absorbed += 1
+    return absorbed
+
+
+def _release(conv: nn.Module) -> None:
+    """A :class:`ConvWithFrozenNorm` back to a plain convolution (its norm still to be applied)."""
+    if isinstance(conv, ConvWithFrozenNorm):
+        del conv.__dict__["frozen_norm"]
+        conv.__class__ = nn.Conv2d
+
+
 def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
     """The (conv, norm) child names of ``parent`` that follow each other in its forward."""
     children = parent._modules
@@ -77,6 +128,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     folded = 0
     for parent in list(backbone.modules()):
         for conv_name, norm_name in _pairs(parent):
+            _release(parent._modules[conv_name])
             fold_conv_norm(parent._modules[conv_name], parent._modules[norm_name])
             parent._modules[norm_name] = nn.Identity()
             folded += 1

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout, dropout
+
 
 class MultiheadAttention(nn.Module):
     """Multi-head attention with packed in-projection, computed by ``F.scaled_dot_product_attention``.
@@ -67,30 +69,51 @@ class MultiheadAttention(nn.Module):
         q = q.view(batch, len_q, self.num_heads, head_dim).transpose(1, 2)
         k = k.view(batch, len_k, self.num_heads, head_dim).transpose(1, 2)
         v = v.view(batch, len_k, self.num_heads, head_dim).transpose(1, 2)
-        # SDPA's boolean mask means "may attend", broadcast over heads and queries.
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         dropout_p = self.dropout if self.training else 0.0
-
         weights = None
-        if need_weights:
-            scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            probs = scores.softmax(-1)
-            weights = probs.mean(1)
-            out = F.dropout(probs, dropout_p, self.training) @ v
+        if need_weights or (dropout_p > 0.0 and q.device.type == "cpu"):
+            # Explicit attention: for the weights, and for training on a CPU, where SDPA's dropout
+            # (its math path, with bernoulli_ masks) costs more than this with models/dropout.py's.
+            # In fp32, as the bf16 path below.
+            with torch.autocast(q.device.type, enabled=False):
+                probs = _attention_probs(q.float(), k.float(), key_padding_mask)
+                if need_weights:
+                    weights = probs.mean(1)
+                out = (dropout(probs, dropout_p) @ v.float()).to(q.dtype)
         elif q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # Under CPU bf16 autocast the projections run in bf16, but the CPU attention kernel's
             # bf16 backward is ~3x slower than its fp32 one (bench/profile_step.py): attend in fp32
             # (autocast would cast the inputs straight back to bf16).
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p
+                    q.float(), k.float(), v.float(), attn_mask=_may_attend(key_padding_mask)
                 ).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_may_attend(key_padding_mask), dropout_p=dropout_p
+            )
         out = out.transpose(1, 2).reshape(batch, len_q, e)
         return self.out_proj(out), weights
+
+
+def _may_attend(key_padding_mask: Tensor | None) -> Tensor | None:
+    """SDPA's boolean mask ("may attend"), Bool Tensor[B, 1, 1, Lk], from a key padding mask."""
+    return None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+
+
+def _attention_probs(q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) over unpadded keys, Tensor[B, H, Lq, Lk], from q: Tensor[B, H, Lq, d],
+    k: Tensor[B, H, Lk, d]. A sequence whose keys are all padding attends to nothing (zeros), as
+    SDPA does, with finite gradients."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if key_padding_mask is None:
+        return scores.softmax(-1)
+    padding = key_padding_mask[:, None, None, :]
+    # The most negative finite value rather than -inf: a fully padded row then softmaxes to a
+    # finite uniform row (zeroed below) instead of NaN, whose gradient would spread NaN.
+    probs = scores.masked_fill(padding, torch.finfo(scores.dtype).min).softmax(-1)
+    empty = key_padding_mask.all(-1)
+    return probs.masked_fill(empty[:, None, None, None], 0.0) if bool(empty.any()) else probs
 
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
@@ -141,10 +164,10 @@ class _Layer(nn.Module):
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         for i in range(1, num_norms + 1):
             setattr(self, f"norm{i}", nn.LayerNorm(d_model))
-            setattr(self, f"dropout{i}", nn.Dropout(dropout))
+            setattr(self, f"dropout{i}", Dropout(dropout))
         self.pre_norm = pre_norm
 
     def _ffn(self, x: Tensor) -> Tensor:
