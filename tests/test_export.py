@@ -9,6 +9,7 @@ import detrkit
 from conftest import randomize_buffers, tiny_config
 from detrkit.cli import main
 from detrkit.inference.export import (
+    DetectionsExport,
     ExportWrapper,
     example_inputs,
     export_onnx,
@@ -251,3 +252,107 @@ def test_onnx_files_auto_precision_and_explain(exported, tmp_path, capsys):
     argv = ["explain", str(tmp_path / "x.png"), "--weights", str(path), "--out", str(tmp_path / "a.png")]
     assert detrkit.cli.main(argv) == 2
     assert "attention maps need the PyTorch model" in capsys.readouterr().err
+
+
+def test_a_mask_models_export_gives_the_instance_masks_of_pytorch(tmp_path, mask_model):
+    """Post-processed export of a mask model: Detector on the file gives PostProcessSegm's masks
+    (every size, a batch), and the numpy recipe of the module docstring gives the same without
+    detrkit; panoptic output is refused for the file."""
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    # Decisive masks: at random init the mask logits sit near 0, where rounding flips pixels.
+    state = mask_model.state_dict()  # at a small input size (~120 px), as the images are
+    mask_model = detrkit.build_model(tiny_config(masks=True, extra={"image_scale": 0.15})).eval()
+    mask_model.load_state_dict(state)
+    with torch.no_grad():
+        mask_model.mask_head.out_lay.weight.mul_(50.0)
+    path = export_onnx(mask_model, tmp_path / "masks.onnx")
+    onnx_detector = detrkit.Detector.from_pretrained(path, batch_size=2)
+    reference = detrkit.Detector(mask_model, batch_size=2)
+    assert onnx_detector.model.config.num_queries == mask_model.config.num_queries
+    generator = torch.Generator().manual_seed(3)
+    inputs = [
+        torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
+        for h, w in ((90, 130), (90, 130), (150, 70))
+    ]
+    got = onnx_detector.predict(inputs, threshold=0.0, segmentation="instance")
+    want = reference.predict(inputs, threshold=0.0, segmentation="instance")
+    for g, w, image in zip(got, want, inputs, strict=True):
+        assert g.masks.shape == w.masks.shape == (len(w), *image.shape[1:])
+        torch.testing.assert_close(g.scores, w.scores, atol=1e-4, rtol=0)
+        # Pixels whose probability is within rounding of 0.5 may flip: all but a handful agree.
+        assert (g.masks != w.masks).float().mean() < 1e-4
+        assert w.masks.any(), "a test that compares empty masks proves nothing"
+    assert onnx_detector.predict(inputs[0], threshold=0.0, segmentation=None)[0].masks is None
+    with pytest.raises(ValueError, match="instance masks only"):
+        onnx_detector.predict(inputs[0], segmentation="panoptic")
+
+    # onnxruntime and numpy alone, on a padded batch of two sizes.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = [reference.prepare(image)[0] for image in (inputs[0], inputs[2])]
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    batch = np.zeros((2, 3, height, width), np.float32)
+    padding = np.ones((2, height, width), bool)
+    for k, image in enumerate(images):
+        batch[k, :, : image.shape[1], : image.shape[2]] = image.numpy()
+        padding[k, : image.shape[1], : image.shape[2]] = False
+    originals = np.array([inputs[0].shape[1:], inputs[2].shape[1:]], np.int64)
+    _, scores, _, masks = session.run(
+        None, {"images": batch, "padding_mask": padding, "orig_sizes": originals}
+    )
+    from detrkit.models.postprocess import PostProcess, PostProcessSegm
+
+    with torch.no_grad():  # PyTorch on the same padded batch (padding changes what a model sees)
+        outputs = mask_model(torch.from_numpy(batch), torch.from_numpy(padding))
+        image_sizes = torch.tensor([list(i.shape[1:]) for i in images])
+        expected = PostProcessSegm()(PostProcess()(outputs, torch.from_numpy(originals)), outputs, image_sizes,
+                                     torch.from_numpy(originals))  # fmt: skip
+    for k, image in enumerate(images):
+        h, w_in = image.shape[1:]
+        (h0, w0) = originals[k]
+        # Nearest neighbours as torch computes them: float32 scale, floor (the docstring's recipe).
+        rows = np.minimum(np.floor(np.arange(h0, dtype=np.float32) * (np.float32(h) / np.float32(h0))), h - 1)
+        cols = np.minimum(
+            np.floor(np.arange(w0, dtype=np.float32) * (np.float32(w_in) / np.float32(w0))), w_in - 1
+        )
+        numpy_masks = masks[k][:, :h, :w_in][:, rows.astype(int)[:, None], cols.astype(int)]
+        reference_masks = expected[k]["masks"][expected[k]["scores"].argsort(descending=True, stable=True)]
+        assert numpy_masks.shape == tuple(reference_masks.shape)
+        detected = onnx_detector.model.detect(torch.from_numpy(batch), torch.from_numpy(originals),
+                                              torch.from_numpy(padding))[k]["masks"]  # fmt: skip
+        assert (detected != reference_masks).float().mean() < 1e-4
+        assert (torch.from_numpy(numpy_masks) != reference_masks).float().mean() < 1e-4
+
+
+def test_the_exported_masks_follow_the_detections_order(mask_model):
+    """Each query's mask stays with its box and score through the export's sort: with mask logits
+    that differ per query (a random init gives near-identical ones), the graph's masks equal
+    PostProcessSegm's, sorted by score."""
+    from detrkit.models.postprocess import PostProcess, PostProcessSegm
+
+    images, mask = example_inputs(((64, 96), (96, 64)), seed=4)
+
+    def distinct_masks(module, inputs, out):  # the same logits on every call
+        generator = torch.Generator().manual_seed(0)
+        out["pred_masks"] = torch.randn(out["pred_masks"].shape, generator=generator) * 5
+        return out
+
+    handle = mask_model.register_forward_hook(distinct_masks)
+    try:
+        orig = torch.tensor([[70, 100], [120, 80]])
+        with torch.no_grad():
+            _, scores, _, masks = DetectionsExport(mask_model)(images, mask, orig)
+            outputs = mask_model(images, mask)
+        expected = PostProcessSegm()(
+            PostProcess()(outputs, orig), outputs, torch.tensor([[64, 96], [96, 64]]), orig
+        )
+    finally:
+        handle.remove()
+    for k, (h, w) in enumerate(((64, 96), (96, 64))):
+        order = expected[k]["scores"].argsort(descending=True)
+        torch.testing.assert_close(scores[k], expected[k]["scores"][order])
+        cropped = masks[k][:, :h, :w].unsqueeze(1).float()
+        resized = torch.nn.functional.interpolate(cropped, size=tuple(orig[k].tolist()), mode="nearest")[:, 0]
+        assert torch.equal(resized.bool(), expected[k]["masks"][order])
+        assert (expected[k]["masks"] != expected[k]["masks"][:1]).any()

@@ -286,6 +286,11 @@ class Detector:
             )
         if segmentation is not None and not self.model.config.masks:
             raise ValueError(f"segmentation={segmentation!r} needs a model with a mask head (masks=True)")
+        if segmentation not in (None, "instance") and getattr(self.model, "postprocessed", False):
+            raise ValueError(
+                f"segmentation={segmentation!r}: an ONNX export gives instance masks only; "
+                "panoptic and semantic segmentation need the PyTorch weights"
+            )
         return segmentation
 
     def prepare(self, image: ImageInput) -> tuple[Tensor, tuple[int, int]]:
@@ -320,6 +325,8 @@ class Detector:
                 orig = torch.tensor([list(original[i]) for i in chunk], device=self.device)
                 if getattr(self.model, "postprocessed", False):  # an ONNX export: boxes come out
                     for i, det in zip(chunk, self.model.detect(batch, orig), strict=True):
+                        if segmentation is None:
+                            det.pop("masks", None)
                         results[i] = self._select(det, threshold)
                     continue
                 with amp_autocast(self.device, "none" if self.precision == "fp32" else self.precision):

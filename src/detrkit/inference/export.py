@@ -5,8 +5,14 @@ numpy only: inputs ``images`` Float[B, 3, H, W] (resized and normalised as the f
 says), ``padding_mask`` Bool[B, H, W] (True on padding) and ``orig_sizes`` Int64[B, 2] (each
 image's original height, width); outputs, per image and query sorted by score, ``boxes``
 Float[B, Q, 4] (x1, y1, x2, y2 in original pixels), ``scores`` Float[B, Q] and ``labels``
-Int64[B, Q] (the dataset's category ids). The metadata (``metadata_props``) holds the class names
-and ids and the preprocessing: ``eval_size``, ``max_size``, ``mean``, ``std``.
+Int64[B, Q] (the dataset's category ids); for mask models also ``masks`` Bool[B, Q, H, W], each
+query's instance mask (mask logits upsampled bilinearly to the input, probability > 0.5) in input
+pixels: crop an image's to its unpadded size and resize it to the original with nearest
+neighbours, as :class:`~detrkit.models.postprocess.PostProcessSegm` does (in numpy, for an
+original H0 x W0: ``m[:, :h, :w][:, rows[:, None], cols]`` with ``rows = np.minimum(np.floor(
+np.arange(H0, dtype=np.float32) * (np.float32(h) / np.float32(H0))), h - 1).astype(int)`` and
+``cols`` the same with w, W0: torch's nearest-neighbour indices, float32 scale and floor). The metadata (``metadata_props``)
+holds the class names and ids and the preprocessing: ``eval_size``, ``max_size``, ``mean``, ``std``.
 
 With ``postprocess=False`` (``--raw``) the graph is the model itself: outputs ``pred_logits``
 [B, Q, K+1], ``pred_boxes`` [B, Q, 4] (normalised cx, cy, w, h) and, for mask models,
@@ -21,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MissingExtra
@@ -45,13 +52,14 @@ class ExportWrapper(nn.Module):
 
 class DetectionsExport(nn.Module):
     """The model followed by DETR's post-processing (``PostProcess``): per query the most likely
-    class other than "no object", its probability, and its box in original pixels, sorted by score."""
-
-    output_names = ["boxes", "scores", "labels"]
+    class other than "no object", its probability, and its box in original pixels, sorted by score;
+    for mask models, each query's mask in input pixels (``PostProcessSegm`` before its per-image
+    crop and resize, which need one shape per image)."""
 
     def __init__(self, model: Detr) -> None:
         super().__init__()
         self.model = model
+        self.output_names = ["boxes", "scores", "labels"] + (["masks"] if model.config.masks else [])
         self.register_buffer("category_ids", torch.tensor(model.config.label_ids, dtype=torch.int64))
 
     def forward(self, images: Tensor, padding_mask: Tensor, orig_sizes: Tensor) -> tuple[Tensor, ...]:
@@ -60,7 +68,12 @@ class DetectionsExport(nn.Module):
         scores, order = scores.sort(dim=1, descending=True)
         boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
         labels = self.category_ids[labels.gather(1, order)]
-        return boxes, scores, labels
+        if "pred_masks" not in out:
+            return boxes, scores, labels
+        logits = out["pred_masks"]  # [B, Q, H/4, W/4]: sorted before upsampling, where it is small
+        logits = logits.gather(1, order[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
+        upsampled = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return boxes, scores, labels, upsampled.sigmoid() > 0.5
 
 
 def export_metadata(model: Detr) -> dict[str, str]:
@@ -77,6 +90,7 @@ def export_metadata(model: Detr) -> dict[str, str]:
         "class_names": json.dumps(list(config.class_names or [str(i) for i in config.label_ids])),
         "category_ids": json.dumps(list(config.label_ids)),
         "image_scale": str(config.image_scale),
+        "num_queries": str(config.num_queries),
         "eval_size": str(sizes.eval_size),
         "max_size": str(sizes.max_size),
         "mean": json.dumps(list(sizes.mean)),

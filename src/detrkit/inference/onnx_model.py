@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CheckpointError, MissingExtra
@@ -19,7 +20,8 @@ from ..models.config import DetrConfig
 
 class OnnxDetr:
     """A post-processed detrkit ONNX export: ``detect(images, orig_sizes)`` gives per image the
-    boxes (original pixels), scores and contiguous labels that ``PostProcess`` would."""
+    boxes (original pixels), scores and contiguous labels that ``PostProcess`` would, and for a
+    mask model the instance masks ``PostProcessSegm`` would."""
 
     postprocessed = True
 
@@ -47,10 +49,14 @@ class OnnxDetr:
         names = [str(n) for n in json.loads(meta["class_names"])]
         # Files of the first exports name the sizes only: the scale is the evaluation size over 800.
         scale = float(meta.get("image_scale", int(meta["eval_size"]) / 800))
+        outputs = {o.name: o for o in self.runtime.get_outputs()}
+        queries = outputs["scores"].shape[1]  # static in the graph; older files: the metadata
         self.config = DetrConfig(
             num_classes=len(ids),
             class_names=tuple(names),
             category_ids=tuple(ids),
+            num_queries=int(meta.get("num_queries", queries if isinstance(queries, int) else 100)),
+            masks="masks" in outputs,
             extra={"image_scale": scale},
         )
         self._label_of = {category: label for label, category in enumerate(ids)}
@@ -72,11 +78,11 @@ class OnnxDetr:
         else:
             mask = padding_mask.detach().cpu().numpy().astype(bool)
         sizes = orig_sizes.detach().cpu().numpy().astype(np.int64)
-        boxes, scores, labels = self.runtime.run(
+        boxes, scores, labels, *masks = self.runtime.run(
             None, {"images": batch, "padding_mask": mask, "orig_sizes": sizes}
         )
         to_label = np.vectorize(self._label_of.__getitem__, otypes=[np.int64])
-        return [
+        results = [
             {
                 "boxes": torch.from_numpy(b),
                 "scores": torch.from_numpy(s),
@@ -84,6 +90,13 @@ class OnnxDetr:
             }
             for b, s, ls in zip(boxes, scores, labels)
         ]
+        if masks:
+            for result, image_masks, valid, (height, width) in zip(results, masks[0], ~mask, sizes.tolist()):
+                # As PostProcessSegm: cropped to the unpadded image, resized to the original.
+                h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+                cropped = torch.from_numpy(image_masks[:, :h, :w]).unsqueeze(1).float()
+                result["masks"] = F.interpolate(cropped, size=(height, width), mode="nearest")[:, 0].bool()
+        return results
 
     def __repr__(self) -> str:
         return f"OnnxDetr({self.path.name})"
