@@ -115,19 +115,21 @@ if sys.argv[1] == "keep":
 x = torch.ones(16 * 2**20)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):  # glibc settles its free lists over the first few
+counts = []
+for _ in range(12):
+    start = faults()
     (x * 2).sum()
-start = faults()
-for _ in range(5):
-    (x * 2).sum()
-print(faults() - start)
+    counts.append(faults() - start)
+print(*counts)
 """
     counts = {}
     for mode in ("system", "keep"):
         result = subprocess.run(
             [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
         )
-        counts[mode] = int(result.stdout.split()[-1])
-    pages = 5 * 64 * 2**20 // 4096
-    assert counts["system"] > pages // 2, counts
-    assert counts["keep"] < pages // 20, counts
+        counts[mode] = [int(n) for n in result.stdout.split()]
+    pages = 64 * 2**20 // 4096  # per allocation
+    # The default maps every allocation afresh; kept memory is reused once glibc's free lists have
+    # settled (a few allocations, depending on what the process allocated before).
+    assert min(counts["system"]) > pages // 2, counts
+    assert sum(counts["keep"][-4:]) < pages // 4, counts
